@@ -1,0 +1,35 @@
+"""cm-engine: Cluster-Margin batch active learning at the scale of millions of points.
+
+Pipeline (one module per stage): pool -> knn -> hac -> cluster (cached) -> margin -> sampler -> strategies.
+Public names are imported lazily so that `import cm_engine` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Pool": "pool", "open_array": "pool", "fingerprint": "pool", "save_npy": "pool",
+    "margin_scores": "margin",
+    "round_robin": "sampler",
+    "cluster_margin": "strategies",
+    "knn_graph": "knn", "KNNGraph": "knn",
+    "graph_hac": "hac",
+    "cluster": "cluster", "Clustering": "cluster",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'cm_engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
