@@ -28,14 +28,18 @@ import torch
 from ._device import rows_per_block
 from ._validate import check_nonempty
 
-# Read-only memmaps become tensors we never write to; torch warns about that once per process.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-
 _TORCH_DTYPES = {
     np.dtype("float16"): torch.float16,
     np.dtype("float32"): torch.float32,
     np.dtype("float64"): torch.float64,
 }
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """torch.from_numpy without the warning about read-only memmaps (we never write to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 def _read_sidecar(path: Path) -> dict:
@@ -146,10 +150,10 @@ class _BF16:
 
     def read(self, start, stop):
         rows = self.raw.read(start, stop) if isinstance(self.raw, ShardedArray) else self.raw[start:stop]
-        return torch.from_numpy(np.ascontiguousarray(rows)).view(torch.bfloat16)
+        return _from_numpy(np.ascontiguousarray(rows)).view(torch.bfloat16)
 
     def __getitem__(self, key):
-        return torch.from_numpy(np.ascontiguousarray(self.raw[key])).view(torch.bfloat16)
+        return _from_numpy(np.ascontiguousarray(self.raw[key])).view(torch.bfloat16)
 
 
 def save_npy(path, array, *, bfloat16: bool = False) -> None:
@@ -222,7 +226,7 @@ class Pool:
             rows = np.ascontiguousarray(rows)
             if rows.dtype not in _TORCH_DTYPES and np.issubdtype(rows.dtype, np.floating):
                 rows = rows.astype(np.float32)
-            rows = torch.from_numpy(rows)
+            rows = _from_numpy(rows)
         if dtype is not None and rows.dtype != dtype and rows.device.type == "cpu" and torch.device(device).type != "cpu":
             # Move in the (usually narrower) stored dtype, cast on the device.
             return rows.to(device, non_blocking=True).to(dtype)
