@@ -1,0 +1,188 @@
+"""The command line end to end on small pools, bad input included (exit 2, one line, nothing written)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cm_engine.cli import main
+
+N, C = 600, 5
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(N, C)) * 3).astype(np.float16)
+    z = logits.astype(np.float64)
+    probs = np.exp(z - z.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    labels = rng.integers(0, 40, size=N).astype(np.int64)
+    emb = rng.normal(size=(N, 8)).astype(np.float32)
+    paths = {}
+    for name, arr in {"logits": logits, "probs": probs.astype(np.float32), "labels": labels, "emb": emb,
+                      "scores": rng.random(N).astype(np.float32), "exclude": np.arange(0, N, 7)}.items():
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], arr)
+    paths["dir"] = tmp_path
+    return paths
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _listing(d):
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_select_from_logits_json(files, capsys):
+    out = files["dir"] / "picked.npy"
+    code, stdout, _ = run(capsys, "select", "--logits", files["logits"], "--labels", files["labels"],
+                          "--budget", 50, "--km-ratio", 2, "--exclude", files["exclude"], "--json", "--quiet",
+                          "--out", out)
+    assert code == 0
+    summary = json.loads(stdout)
+    picked = np.load(out)
+    assert summary["n_picked"] == 50 == picked.size and picked.dtype == np.int64
+    assert len(np.unique(picked)) == 50
+    assert not np.isin(picked, np.load(files["exclude"])).any()
+    assert not [p for p in _listing(files["dir"]) if "tmp" in p]
+
+
+def test_select_same_result_from_scores_logits_probabilities(files, capsys):
+    from cm_engine import margin_scores
+
+    s = margin_scores(np.load(files["logits"]))
+    np.save(files["dir"] / "s.npy", s)
+    picks = []
+    for flag, path in [("--scores", files["dir"] / "s.npy"), ("--logits", files["logits"])]:
+        out = files["dir"] / f"p{flag}.npy"
+        assert run(capsys, "select", flag, path, "--labels", files["labels"], "--budget", 30, "--quiet",
+                   "--out", out)[0] == 0
+        picks.append(np.load(out))
+    np.testing.assert_array_equal(picks[0], picks[1])
+    out = files["dir"] / "pp.npy"
+    assert run(capsys, "select", "--probabilities", files["probs"], "--labels", files["labels"], "--budget", 30,
+               "--quiet", "--out", out)[0] == 0
+    assert np.load(out).size == 30
+
+
+def _bad(tmp, name, arr):
+    p = tmp / name
+    np.save(p, arr)
+    return p
+
+
+@pytest.mark.parametrize("case", [
+    "nan_logits", "neg_budget", "km_ratio", "exclude_range", "exclude_dup", "labels_len", "labels_float",
+    "two_sources", "no_source", "truncated", "missing", "out_dir", "probs_sum", "one_class",
+])
+def test_select_bad_input_exits_2_and_writes_nothing(files, capsys, case):
+    d = files["dir"]
+    lg = np.load(files["logits"]).astype(np.float32)
+    args = {"--logits": files["logits"], "--labels": files["labels"], "--budget": 10}
+    extra = []
+    expect = None
+    if case == "nan_logits":
+        lg[17, 2] = np.nan
+        args["--logits"], expect = _bad(d, "nan.npy", lg), "logits"
+    elif case == "neg_budget":
+        args["--budget"], expect = -1, "budget"
+    elif case == "km_ratio":
+        extra, expect = ["--km-ratio", "0.5"], "km_ratio"
+    elif case == "exclude_range":
+        extra, expect = ["--exclude", _bad(d, "ex.npy", np.array([1, N]))], "exclude"
+    elif case == "exclude_dup":
+        extra, expect = ["--exclude", _bad(d, "ex.npy", np.array([3, 3]))], "exclude"
+    elif case == "labels_len":
+        args["--labels"], expect = _bad(d, "l.npy", np.zeros(N - 1, np.int64)), "labels"
+    elif case == "labels_float":
+        args["--labels"], expect = _bad(d, "l.npy", np.zeros(N, np.float32)), "labels"
+    elif case == "two_sources":
+        extra, expect = ["--scores", files["scores"]], "--scores"
+    elif case == "no_source":
+        del args["--logits"]
+        expect = "--scores"
+    elif case == "truncated":
+        raw = files["logits"].read_bytes()
+        p = d / "trunc.npy"
+        p.write_bytes(raw[: len(raw) // 2])
+        args["--logits"], expect = p, "logits"
+    elif case == "missing":
+        args["--logits"], expect = d / "nope.npy", "logits"
+    elif case == "out_dir":
+        out = d / "no" / "such" / "dir" / "p.npy"
+        expect = "--out"
+    elif case == "probs_sum":
+        del args["--logits"]
+        args["--probabilities"], expect = _bad(d, "pr.npy", np.full((N, C), 0.5, np.float32)), "prob"
+    elif case == "one_class":
+        args["--logits"], expect = _bad(d, "one.npy", lg[:, :1]), "logits"
+    if case != "out_dir":
+        out = d / "picked.npy"
+    before = _listing(d)
+    argv = ["select", "--quiet", "--out", out] + [x for kv in args.items() for x in kv] + extra
+    code, stdout, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("cm-engine: error:") and err.count("\n") == 1, err
+    assert expect.lower() in err.lower(), err
+    assert _listing(d) == before
+    assert not out.exists()
+
+
+def test_cluster_then_select(files, capsys):
+    d = files["dir"]
+    labels = d / "labels.npy"
+    code, stdout, _ = run(capsys, "cluster", "--embeddings", files["emb"], "--target-mean-size", 10, "--k", 10,
+                          "--cache-dir", d / "cache", "--json", "--quiet", "--out", labels)
+    assert code == 0, stdout
+    s = json.loads(stdout)
+    lab = np.load(labels)
+    assert lab.shape == (N,) and lab.dtype == np.int64
+    assert s["n_clusters"] == lab.max() + 1 == len(np.unique(lab))
+    # the second run comes from the cache and gives the same labels
+    code, stdout2, _ = run(capsys, "cluster", "--embeddings", files["emb"], "--target-mean-size", 10, "--k", 10,
+                           "--cache-dir", d / "cache", "--json", "--quiet", "--out", d / "labels2.npy")
+    assert code == 0
+    np.testing.assert_array_equal(np.load(d / "labels2.npy"), lab)
+    out = d / "picked.npy"
+    assert run(capsys, "select", "--logits", files["logits"], "--labels", labels, "--budget", 40, "--quiet",
+               "--out", out)[0] == 0
+    assert np.load(out).size == 40
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--epsilon", "0.1", "--target-mean-size", "10"], "--epsilon"),
+    ([], "--epsilon"),
+    (["--epsilon", "-1"], "epsilon"),
+    (["--epsilon", "0.1", "--k", "0"], "k"),
+    (["--epsilon", "0.1", "--k", str(N)], "k"),
+])
+def test_cluster_bad_input(files, capsys, argv, expect):
+    out = files["dir"] / "labels.npy"
+    code, _, err = run(capsys, "cluster", "--embeddings", files["emb"], "--quiet", "--out", out, *argv)
+    assert code == 2 and expect in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_demo_small_pool(tmp_path, capsys):
+    code, stdout, _ = run(capsys, "demo", "--n", 3000, "--d", 16, "--classes", 10, "--budget", 200,
+                          "--workdir", tmp_path, "--json", "--quiet")
+    assert code == 0
+    s = json.loads(stdout)
+    picked = np.load(s["out"])
+    assert s["n_picked"] == 200 == picked.size == len(np.unique(picked))
+    assert {"pool (generate/open)", "graph + HAC (cached)", "margin scores",
+            "round-robin selection"} <= set(s["stages"])
+    assert 3 <= s["clusters"]["mean_size"] <= 30
+
+
+def test_console_script_entry_point(files):
+    r = subprocess.run([sys.executable, "-m", "cm_engine.cli", "select", "--logits", str(files["logits"]),
+                        "--labels", str(files["labels"]), "--budget", "-5", "--out", str(files["dir"] / "x.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "budget" in r.stderr
