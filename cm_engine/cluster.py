@@ -1,0 +1,238 @@
+"""Pool -> k-NN graph -> merge list -> flat clusters, through the on-disk cache.
+
+`cluster` validates everything (and checks that `cache_dir` is writable) before any expensive
+work, then:
+
+1. fingerprints the pool (`Pool.fingerprint`: sampled rows, cheap on any size) when caching;
+2. loads the merge list from the cache if present and valid: the graph is then not needed and
+   not even opened, which is what makes a cached re-run on a 1M pool take well under 2 s;
+3. otherwise loads the k-NN graph from the cache (or builds it with `knn_graph`, written in place
+   into the cache's staging directory, then committed), runs `hac_merges` to completion
+   (``max_epsilon=None``: the whole dendrogram, so any epsilon is a cheap cut) and caches it;
+4. cuts the merge list at `epsilon`, or at the epsilon whose cut has the mean cluster size
+   closest to `target_mean_size` (`hac.epsilon_for_mean_size`).
+
+Cache keys: the graph entry is keyed by (pool fingerprint, "knn_graph", `GraphParams`), the merge
+list by (pool fingerprint, "hac_merges", `ClusterParams`), which holds the graph's parameters
+too, so a change of k, metric, backend, exactness, seed, backend options or HAC rule is a new
+entry. The device is not part of the key: a graph built on a GPU is reused on the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from ._device import peak_rss_bytes
+from ._validate import check_choice, check_float, check_int, check_ndim, check_nonempty
+from .pool import Pool
+
+log = logging.getLogger("cm_engine")
+
+METRICS = ("cosine", "l2")
+BACKENDS = ("auto", "faiss", "torch")
+
+
+@dataclass(frozen=True)
+class GraphParams:
+    """What the k-NN graph depends on besides the pool (the graph's cache key)."""
+
+    k: int = 16
+    metric: str = "cosine"
+    backend: str = "auto"
+    exact: bool | None = None
+    seed: int = 0
+    options: tuple = ()  # sorted (name, value) pairs of knn_graph backend options
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """Everything the merge list depends on besides the pool (the merge list's cache key)."""
+
+    graph: GraphParams = field(default_factory=GraphParams)
+    missing: str = "bound"  # how missing pairs count in the linkage (see hac.py)
+    hac_version: int = 0  # hac.ALGORITHM_VERSION: a new algorithm never reuses old merge lists
+
+
+@dataclass
+class Clustering:
+    """Flat clusters of a pool and the merge list they were cut from.
+
+    labels: int64 [N], contiguous from 0. n_clusters: number of distinct labels. epsilon: the
+    linkage threshold of the cut (every merge at height <= epsilon applied). target_mean_size:
+    the requested mean size, or None when epsilon was given. merges: the full `hac.Merges`.
+    timings: seconds per stage ("fingerprint", "graph", "hac", "cut", "total").
+    cache_hits: per stage (graph, merges): True (loaded), False (built), None (not needed).
+    """
+
+    labels: np.ndarray
+    n_clusters: int
+    epsilon: float
+    target_mean_size: float | None
+    merges: object
+    k: int
+    metric: str
+    params: ClusterParams | None = None
+    timings: dict = field(default_factory=dict)
+    cache_hits: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def mean_size(self) -> float:
+        return self.n / max(1, self.n_clusters)
+
+    def recut(self, epsilon=None, target_mean_size=None) -> "Clustering":
+        """The same merge list cut at another `epsilon` or `target_mean_size` (exactly one).
+        No graph or HAC work: one pass over the merge list. Equals a fresh `cluster` call."""
+        t0 = time.perf_counter()
+        eps, target = _check_cut_args(epsilon, target_mean_size)
+        labels, eps = _cut(self.merges, eps, target)
+        return replace(self, labels=labels, n_clusters=_n_clusters(labels), epsilon=eps,
+                       target_mean_size=target, timings={"cut": time.perf_counter() - t0},
+                       cache_hits={})
+
+
+def _check_cut_args(epsilon, target_mean_size):
+    if (epsilon is None) == (target_mean_size is None):
+        raise ValueError("epsilon/target_mean_size: expected exactly one of them, got "
+                         + ("both" if epsilon is not None else "neither"))
+    if epsilon is not None:
+        return check_float("epsilon", epsilon, min=0.0), None
+    return None, check_float("target_mean_size", target_mean_size, min=1.0)
+
+
+def _cut(merges, eps, target):
+    from .hac import cut, epsilon_for_mean_size
+
+    if eps is None:
+        eps = epsilon_for_mean_size(merges, target)
+    return cut(merges, eps), float(eps)
+
+
+def _n_clusters(labels: np.ndarray) -> int:
+    return int(labels.max()) + 1 if labels.size else 0
+
+
+def _stage_done(timings: dict, stage: str, t0: float) -> float:
+    t = time.perf_counter()
+    timings[stage] = t - t0
+    log.info("cluster: %s took %.3f s (peak RSS %.0f MiB)", stage, timings[stage], peak_rss_bytes() / 2**20)
+    return t
+
+
+def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, metric: str = "cosine",
+            backend: str = "auto", device="auto", cache_dir=None, seed: int = 0, budget_bytes=None,
+            progress: Callable | None = None, exact: bool | None = None, missing: str = "bound",
+            verify: str = "full", full_fingerprint: bool = False, **options) -> Clustering:
+    """Average-linkage HAC clusters of `embeddings` [N, d] over its k-NN graph, cached.
+
+    embeddings: array, memmap, torch tensor or path to a `.npy` (never read whole).
+    epsilon (>= 0) | target_mean_size (>= 1): exactly one; the cut's linkage threshold, or the
+      mean cluster size whose epsilon is chosen from the merge list.
+    k, metric ("cosine" | "l2"), backend, device, exact, seed, budget_bytes, **options: passed to
+      `knn_graph` (options are its backend options: nlist, nprobe, ...). missing: how missing
+      pairs count in the linkage ("bound" | "edges", see `hac`).
+    cache_dir: directory of the on-disk cache (created if needed; must be writable), or None.
+    verify: "full" (checksum cached arrays on load) or "size". full_fingerprint: hash every byte
+      of the pool for the key instead of the default sample of rows.
+    progress: optional callable(n_rows_done) for the graph build.
+    Returns a `Clustering` (labels int64 [N], n_clusters, epsilon, merges, timings, cache_hits).
+    """
+    t_start = time.perf_counter()
+    eps, target = _check_cut_args(epsilon, target_mean_size)
+    pool = Pool(embeddings, name="embeddings")
+    check_ndim("embeddings", pool.shape, 2)
+    check_nonempty("embeddings", pool.n)
+    k = check_int("k", k, min=1)
+    if k >= pool.n:
+        raise ValueError(f"k: expected 1 <= k < N = {pool.n} (the number of rows of embeddings), got {k}")
+    check_choice("metric", metric, METRICS)
+    check_choice("backend", backend, BACKENDS)
+    check_choice("missing", missing, ("bound", "edges"))
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
+    seed = check_int("seed", seed, min=0)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress: expected a callable or None, got {type(progress).__name__}")
+    from .hac import ALGORITHM_VERSION, hac_merges, Merges
+
+    gparams = GraphParams(k=k, metric=metric, backend=backend, exact=None if exact is None else bool(exact),
+                          seed=seed, options=tuple(sorted(options.items())))
+    params = ClusterParams(graph=gparams, missing=missing, hac_version=ALGORITHM_VERSION)
+    cache = None
+    if cache_dir is not None:
+        from .cache import ArrayCache
+
+        cache = ArrayCache(cache_dir, verify=verify)  # raises ValueError before any work
+    timings: dict = {}
+    hits: dict = {"graph": None, "merges": None}
+
+    merges = None
+    t = t_start
+    if cache is not None:
+        from .cache import cache_key
+
+        fp = pool.fingerprint(full=full_fingerprint)
+        t = _stage_done(timings, "fingerprint", t)
+        mkey = cache_key(fp, "hac_merges", params)
+        got = cache.get("hac_merges", mkey)
+        if got is not None:
+            arr, man = got
+            merges = Merges(int(man["extra"]["n"]), arr["a"], arr["b"], arr["dist"], arr["size"])
+            hits["merges"] = True
+            t = _stage_done(timings, "hac", t)
+    if merges is None:
+        graph = _graph(pool, gparams, cache, fp if cache is not None else None, hits,
+                       device=device, budget_bytes=budget_bytes, progress=progress)
+        t = _stage_done(timings, "graph", t)
+        merges = hac_merges(graph, max_epsilon=None, missing=missing, device=device, budget_bytes=budget_bytes)
+        del graph
+        if cache is not None:
+            hits["merges"] = False
+            cache.put("hac_merges", mkey, {"a": merges.a, "b": merges.b, "dist": merges.dist, "size": merges.size},
+                      params=params, extra={"n": merges.n, "fingerprint": fp})
+        t = _stage_done(timings, "hac", t)
+    labels, eps = _cut(merges, eps, target)
+    t = _stage_done(timings, "cut", t)
+    timings["total"] = t - t_start
+    out = Clustering(labels=labels, n_clusters=_n_clusters(labels), epsilon=eps, target_mean_size=target,
+                     merges=merges, k=k, metric=metric, params=params, timings=timings, cache_hits=hits)
+    log.info("cluster: N=%d k=%d metric=%s epsilon=%.6g -> %d clusters (mean size %.2f) in %.2f s, cache %s",
+             pool.n, k, metric, eps, out.n_clusters, out.mean_size, timings["total"], hits)
+    return out
+
+
+def _graph(pool: Pool, gp: GraphParams, cache, fp, hits, *, device, budget_bytes, progress):
+    """The k-NN graph of the pool: from the cache if valid, else built (in place in the cache)."""
+    from .knn import KNNGraph, knn_graph
+
+    kw = dict(k=gp.k, metric=gp.metric, backend=gp.backend, device=device, exact=gp.exact, seed=gp.seed,
+              budget_bytes=budget_bytes, progress=progress, **dict(gp.options))
+    if cache is None:
+        return knn_graph(pool.array, **kw)
+    from .cache import cache_key
+
+    gkey = cache_key(fp, "knn_graph", gp)
+    got = cache.get("knn_graph", gkey)
+    if got is not None:
+        arr, man = got
+        hits["graph"] = True
+        return KNNGraph(indices=arr["indices"], distances=arr["distances"], metric=gp.metric, k=gp.k,
+                        info=dict(man["extra"].get("info", {}), cached=True))
+    hits["graph"] = False
+    staging = cache.staging_dir()
+    try:
+        g = knn_graph(pool.array, out_dir=staging, **kw)
+    except BaseException:
+        cache.discard_staging(staging)
+        raise
+    info = {key: v for key, v in g.info.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    cache.put("knn_graph", gkey, {"indices": g.indices, "distances": g.distances}, params=gp,
+              extra={"n": pool.n, "fingerprint": fp, "info": info}, staging=staging)
+    return g
