@@ -1,0 +1,301 @@
+"""Vectorized round-robin sampler over clusters (Cluster-Margin's diversity step).
+
+The paper's procedure (Citovsky et al. 2021, Alg. 1): group the candidates by cluster, order the
+clusters by their number of candidates (smallest first), then repeatedly walk the clusters in that
+order taking one uniformly random remaining candidate from each cluster that still has one, until
+`budget` points are taken.
+
+No Python loop over clusters or picks. Each candidate gets the key (its random rank inside its
+cluster, its cluster's position in the order); the lexicographic order of that key, cut at the
+budget, *is* the round-robin: pass r takes the rank-r candidate of every cluster with more than r
+candidates, in cluster order. Two kernels compute it:
+
+* numba (the default): a stable counting pass groups the candidates by cluster position
+  (O(m + K)); each cluster's segment gets a partial Fisher-Yates shuffle of only the ranks that the
+  budget reaches; each picked candidate is written straight to its output slot, whose pass offsets
+  come from the cluster counts. O(m + K) work and no sort at all.
+* numpy (fallback when numba is missing): a random permutation of the candidates, a stable argsort
+  by cluster position (random order inside each cluster), the (rank, position) key, and an
+  argpartition + sort of only the first `budget` keys.
+
+Both give every admissible outcome the paper's probabilities, but they consume the seed's random
+stream differently, so the exact picks for one seed differ between them. numba is a hard dependency
+of the package; the numpy path is kept as a fallback and as a second implementation for the tests.
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+
+import numpy as np
+
+from ._validate import as_index_array, as_labels, check_choice, check_int, check_nonempty
+
+log = logging.getLogger("cm_engine")
+
+ORDERS = ("smallest", "largest", "random")
+
+try:  # numba is a declared dependency; the fallback keeps the sampler usable without it
+    import numba as _numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised by forcing kernel="numpy" in the tests
+    _numba = None
+    HAVE_NUMBA = False
+
+
+def as_generator(seed, *, name: str = "seed") -> np.random.Generator:
+    """An int >= 0 (or None: fresh OS entropy) -> a new Generator; a Generator is used as is."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None:
+        return np.random.default_rng()
+    if isinstance(seed, bool) or not isinstance(seed, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}: expected an int or a numpy.random.Generator, got {type(seed).__name__}")
+    return np.random.default_rng(check_int(name, seed, min=0))
+
+
+def check_unique(name: str, idx: np.ndarray, n: int) -> None:
+    """Reject duplicate indices in O(len + n) with a bitmap (a sort only when idx is much shorter than n)."""
+    m = idx.size
+    if m < 2:
+        return
+    if m * 16 >= n:
+        seen = np.zeros(n, dtype=np.bool_)
+        seen[idx] = True
+        if int(np.count_nonzero(seen)) == m:
+            return
+    s = np.sort(idx)
+    dup = s[1:][s[1:] == s[:-1]]
+    if dup.size:
+        raise ValueError(f"{name}: expected unique indices, got {dup.size} duplicate(s), e.g. {int(dup[0])}")
+
+
+def round_robin(candidates, labels, budget, *, seed=0, order="smallest", labeled=None) -> np.ndarray:
+    """Pick `budget` candidates by visiting their clusters round-robin.
+
+    candidates: int [m] unique pool indices in [0, N) (numpy, torch or list).
+    labels:     int [N] cluster labels of the WHOLE pool (non-negative; any values, not only 0..L-1).
+    budget:     int >= 0. When budget >= m all candidates come back (in visiting order), not an error.
+    seed:       int >= 0 or numpy.random.Generator (used as given, so its stream advances).
+    order:      cluster visiting order, fixed across passes:
+                "smallest" (the paper's, default): fewest candidates first;
+                "largest": most candidates first;
+                "random": a seeded random permutation of the clusters.
+                Clusters equal under the order's key are ordered by a seeded random permutation,
+                never by label.
+    labeled:    optional int pool indices of already-labeled points (duplicates allowed). When
+                given, the order is label-aware: clusters whose pool members include no labeled
+                point come first, then the others; inside each of these two groups the `order` key
+                applies, then the random tie-break. (With order="random" this is "unlabeled clusters
+                first, random among equals".) A cluster counts as labeled if any labeled index has
+                its label, whether or not that index is a candidate.
+
+    Each pass takes one uniformly random remaining candidate from every cluster that has one left,
+    in the cluster order; passes repeat until `budget` are taken.
+
+    Returns int64 [min(budget, m)] pool indices in visiting order.
+    """
+    labels = as_labels("labels", labels)
+    n = labels.shape[0]
+    check_nonempty("labels", n)
+    cand = as_index_array("candidates", candidates, n=n, unique=False)
+    check_unique("candidates", cand, n)
+    budget = check_int("budget", budget, min=0)
+    check_choice("order", order, ORDERS)
+    rng = as_generator(seed)
+    lab_idx = None if labeled is None else as_index_array("labeled", labeled, n=n, unique=False)
+    return _round_robin(cand, labels, budget, rng, order=order, labeled=lab_idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel: assumes valid input (int64 unique candidates in range, int64 non-negative labels)
+
+
+def _round_robin(cand, labels, budget, rng, *, order="smallest", labeled=None, kernel="auto") -> np.ndarray:
+    m = cand.size
+    if m == 0 or budget == 0:
+        return np.zeros(0, dtype=np.int64)
+    lab = labels[cand]
+    key, counts, has_lab = _dense_clusters(lab, labels, labeled)
+    pos_of = _cluster_positions(counts, has_lab, order, rng)  # cluster id -> position in the order
+    cnt_pos = np.empty_like(counts)
+    cnt_pos[pos_of] = counts  # counts in visiting order
+    seg_start = np.zeros(cnt_pos.size, dtype=np.int64)
+    np.cumsum(cnt_pos[:-1], out=seg_start[1:])
+    pass_start, rstar, rem, n_out = _cut(counts, budget)
+    if kernel == "auto":
+        kernel = "numba" if HAVE_NUMBA else "numpy"
+    if kernel == "numba":
+        seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
+        return _rr_numba()(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed)
+    return _rr_numpy(cand, key, pos_of, cnt_pos, seg_start, n_out, rng)
+
+
+def _dense_clusters(lab, labels, labeled):
+    """Map candidate labels to cluster ids.
+
+    Returns (key [m], counts [K], has_lab [K] or None): cluster id of candidate i is key[i] through
+    the caller's lookup (key is the label itself when labels are dense enough for a bincount, else
+    the np.unique inverse, so ids are 0..K-1 and counts are indexed by them).
+    """
+    m = lab.size
+    top = int(lab.max()) + 1
+    has_lab = None
+    if top <= 4 * m + 1024:
+        # Labels are usually 0..L-1: one bincount, no sort. Empty labels are dropped below by
+        # making `key` index a compacted id table.
+        counts_all = np.bincount(lab, minlength=top)
+        present = np.flatnonzero(counts_all)
+        counts = counts_all[present]
+        ids = np.empty(top, dtype=np.int64)
+        ids[present] = np.arange(present.size, dtype=np.int64)
+        if labeled is not None:
+            marks = np.zeros(top, dtype=np.bool_)
+            ll = labels[labeled]
+            marks[ll[ll < top]] = True
+            has_lab = marks[present]
+        return _Composed(lab, ids), counts, has_lab
+    uniq, inv = np.unique(lab, return_inverse=True)
+    counts = np.bincount(inv, minlength=uniq.size)
+    if labeled is not None:
+        ll = labels[labeled]
+        j = np.searchsorted(uniq, ll)
+        ok = j < uniq.size
+        ok[ok] = uniq[j[ok]] == ll[ok]
+        has_lab = np.zeros(uniq.size, dtype=np.bool_)
+        has_lab[j[ok]] = True
+    return _Composed(inv.reshape(-1).astype(np.int64, copy=False), None), counts, has_lab
+
+
+class _Composed:
+    """key[i] = table[raw[i]] (or raw[i]), kept unevaluated so the numba kernel fuses the lookup."""
+
+    __slots__ = ("raw", "table")
+
+    def __init__(self, raw, table):
+        self.raw, self.table = raw, table
+
+
+def _cluster_positions(counts, has_lab, order, rng) -> np.ndarray:
+    """Position of each cluster in the visiting order (int64 [K])."""
+    K = counts.size
+    tie = rng.permutation(K)  # uniform random tie-break: never the label
+    keys = [tie]
+    if order == "smallest":
+        keys.append(counts)
+    elif order == "largest":
+        keys.append(-counts)
+    if has_lab is not None:
+        keys.append(has_lab.astype(np.int8))  # 0 (no labeled point) first
+    seq = np.lexsort(keys) if len(keys) > 1 else tie  # lexsort: last key is primary
+    pos = np.empty(K, dtype=np.int64)
+    pos[seq] = np.arange(K, dtype=np.int64)
+    return pos
+
+
+def _cut(counts, budget):
+    """Where the budget ends: pass offsets, the last (partial) pass and how many it takes.
+
+    alive[r] = clusters with more than r candidates = picks in pass r; pass r starts at
+    P[r] = sum(alive[:r]). Returns (P[:rstar+1], rstar, rem, n_out): passes < rstar are complete,
+    pass rstar takes its first `rem` clusters (in order).
+    """
+    m = int(counts.sum())
+    maxc = int(counts.max())
+    hist = np.bincount(counts, minlength=maxc + 1)
+    alive = counts.size - np.cumsum(hist)[:-1]  # r = 0..maxc-1
+    P = np.zeros(maxc + 1, dtype=np.int64)
+    np.cumsum(alive, out=P[1:])
+    if budget >= m:
+        return P, maxc, 0, m
+    rstar = int(np.searchsorted(P, budget, side="right")) - 1
+    return P[: rstar + 1].copy(), rstar, budget - int(P[rstar]), budget
+
+
+def _rr_numpy(cand, key, pos_of, cnt_pos, seg_start, n_out, rng):
+    m, K = cand.size, cnt_pos.size
+    perm = rng.permutation(m)
+    raw = key.raw[perm]
+    cpos = pos_of[raw if key.table is None else key.table[raw]]
+    grouped = perm[np.argsort(cpos, kind="stable")]  # by cluster position, random inside
+    cl = np.repeat(np.arange(K, dtype=np.int64), cnt_pos)
+    rank = np.arange(m, dtype=np.int64) - np.repeat(seg_start, cnt_pos)
+    k = rank * K + cl
+    if n_out < m:
+        sel = np.argpartition(k, n_out - 1)[:n_out]
+        sel = sel[np.argsort(k[sel])]
+    else:
+        sel = np.argsort(k)
+    return cand[grouped[sel]]
+
+
+_NUMBA_KERNEL = None
+
+
+def _rr_numba():
+    """Compile the numba kernel on first use (cached on disk by numba)."""
+    global _NUMBA_KERNEL
+    if _NUMBA_KERNEL is None:
+        _NUMBA_KERNEL = _build_numba_kernel()
+    return _wrap_numba
+
+
+def _wrap_numba(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed):
+    table = key.table if key.table is not None else np.arange(0, dtype=np.int64)
+    return _NUMBA_KERNEL(cand, key.raw, table, key.table is not None, pos_of, cnt_pos, seg_start,
+                         pass_start, rstar, rem, n_out, np.uint64(seed))
+
+
+def _build_numba_kernel():
+    njit = _numba.njit
+
+    @njit(cache=True, nogil=True)
+    def kernel(cand, raw, table, use_table, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed):
+        m = cand.size
+        K = cnt_pos.size
+        # 1. stable counting pass: candidates grouped by cluster position
+        grouped = np.empty(m, dtype=np.int64)
+        fill = seg_start.copy()
+        for i in range(m):
+            c = raw[i]
+            if use_table:
+                c = table[c]
+            p = pos_of[c]
+            grouped[fill[p]] = cand[i]
+            fill[p] += 1
+        # 2. per cluster: partial Fisher-Yates of the ranks the budget reaches, each pick written
+        #    to its slot (pass r's next free slot; clusters are visited in order, so the slots of
+        #    one pass fill in cluster order)
+        out = np.empty(n_out, dtype=np.int64)
+        nxt = pass_start.copy()
+        last_end = pass_start[rstar] + rem  # pass rstar only takes its first `rem` clusters
+        state = seed
+        inv53 = 1.0 / 9007199254740992.0
+        for p in range(K):
+            c = cnt_pos[p]
+            s = seg_start[p]
+            full = min(c, rstar)
+            take = full
+            if c > rstar and nxt[rstar] < last_end:
+                take = full + 1
+            for j in range(take):
+                span = c - j
+                if span > 1:
+                    # splitmix64 step; 53 random bits -> uniform index in [0, span)
+                    state += np.uint64(0x9E3779B97F4A7C15)
+                    z = state
+                    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+                    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+                    z = z ^ (z >> np.uint64(31))
+                    r = np.int64(np.float64(z >> np.uint64(11)) * inv53 * span)
+                    if r >= span:
+                        r = span - 1
+                    t = grouped[s + j]
+                    grouped[s + j] = grouped[s + j + r]
+                    grouped[s + j + r] = t
+                out[nxt[j]] = grouped[s + j]
+                nxt[j] += 1
+        return out
+
+    return kernel
