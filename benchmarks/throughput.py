@@ -71,12 +71,12 @@ def data_paths(root, n, d, dtype, classes, seed=0):
     return spec, pool, logits
 
 
-def ensure_data(root, n, d, dtype, classes, *, logits=True, generate_on="cpu", seed=0):
+def ensure_data(root, n, d, dtype, classes, *, logits=True, generate_on="numpy", seed=0):
     """The pool (and logits) files for size n, generated once and reused."""
     spec, pool, lp = data_paths(root, n, d, dtype, classes, seed)
     if not pool.exists():
         t0 = time.perf_counter()
-        if generate_on == "cpu":
+        if generate_on == "numpy":
             from cm_engine.synthetic import make_pool
 
             make_pool(pool, spec)
@@ -85,7 +85,7 @@ def ensure_data(root, n, d, dtype, classes, *, logits=True, generate_on="cpu", s
         _common.log(f"generated {pool.name} in {time.perf_counter() - t0:.1f} s")
     if logits and not lp.exists():
         t0 = time.perf_counter()
-        if generate_on == "cpu":
+        if generate_on == "numpy":
             from cm_engine.synthetic import make_logits
 
             make_logits(pool, classes, seed=seed, path=lp)
@@ -181,9 +181,9 @@ def torch_make_logits(pool_path, classes, *, device, seed=0, path):
 
 def drop_page_cache(paths) -> str:
     """Evict files from the page cache (for 'cold file' timings). Returns how, or why not."""
+    os.sync()  # dirty pages (a freshly generated pool) cannot be evicted
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
-            os.sync()
             f.write("3\n")
         return "drop_caches"
     except OSError:
@@ -401,26 +401,31 @@ def reference_margin(logits_slice):
 # =========================================================================== workers (one per subprocess)
 
 def _warm_up(cfg, device):
-    """Run the pipeline once on a tiny pool so one-time costs (imports, JIT, thread pools) are
-    not charged to the first size."""
+    """Run the pipeline once on the first rows of the real pool (same dtype, same code paths) so
+    one-time costs (imports, JIT compilation, thread pools) are not charged to the timed stages."""
     import tempfile
 
     rng = np.random.default_rng(0)
-    n = 1500
+    x = np.load(cfg["pool"], mmap_mode="r")
+    n = int(min(x.shape[0], 2000))
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp) / "warm.npy"
-        np.save(p, rng.normal(size=(n, cfg["d"])).astype(np.float32))
-        logits = rng.normal(size=(n, 8)).astype(np.float16)
-        labels = rng.integers(0, 100, n)
-        for step in (
-            lambda: ours_hac(ours_knn(p, k=min(cfg["k"], 16), metric=cfg["metric"], backend=cfg["backend"],
-                                      device=device, seed=0), n=n, mean_size=MEAN_CLUSTER_SIZE, device=device),
-            lambda: ours_select(_to_numpy(ours_margin(logits, device=device)), labels, 50, seed=0),
-        ):
-            try:
-                step()
-            except Exception:
-                pass
+        np.save(p, np.asarray(x[:n]))
+        logits = rng.normal(size=(n, cfg["classes"])).astype(np.float16)
+        labels = rng.integers(0, max(1, n // 10), n)
+        try:
+            g = ours_knn(p, k=min(cfg["k"], n - 1), metric=cfg["metric"], backend=cfg["backend"], device=device, seed=0)
+            labels = ours_hac(g, n=n, mean_size=MEAN_CLUSTER_SIZE, device=device)[0]
+        except Exception:
+            pass
+        try:
+            scores = _to_numpy(ours_margin(logits, device=device))
+        except Exception:
+            scores = rng.random(n).astype(np.float32)
+        try:
+            ours_select(scores, labels, max(1, n // 10), seed=0)
+        except Exception:
+            pass
 
 
 def worker_ours(cfg) -> dict:
@@ -429,7 +434,8 @@ def worker_ours(cfg) -> dict:
 
     device = cfg["device"]
     n, k = cfg["n"], cfg["k"]
-    res = {"method": "ours", "n": n, "stages": {}, "status": {}, "quality": {}}
+    res = {"method": "ours", "n": n, "stages": {}, "status": {}, "quality": {},
+           "cache_state": cfg.get("cache_state", "warm (page cache not dropped)")}
     t_import = time.perf_counter()
     _warm_up(cfg, device)
     res["warmup_s"] = time.perf_counter() - t_import
@@ -803,13 +809,13 @@ def run_benchmark(args) -> dict:
                   "above --graph-max the sampling stage uses random cluster labels of mean size 10"],
         "results": [], "floors": {},
     }
-    gen_device = args.generate_on
-    # ---- data
-    for n in sizes:
-        ensure_data(root, n, args.d, args.dtype, args.classes, logits=args.logits_on != "device",
-                    generate_on=gen_device)
-    # ---- floors
-    biggest = data_paths(root, sizes[-1], args.d, args.dtype, args.classes)[1]
+    gen = dict(logits=args.logits_on != "device", generate_on=args.generate_on)
+    # ---- floors: read bandwidth on the largest pool already on disk (else the first size's)
+    have = [n for n in sizes if data_paths(root, n, args.d, args.dtype, args.classes)[1].exists()]
+    if not have:
+        ensure_data(root, sizes[0], args.d, args.dtype, args.classes, **gen)
+        have = [sizes[0]]
+    biggest = data_paths(root, have[-1], args.d, args.dtype, args.classes)[1]
     try:
         out["floors"] = measure_floors(biggest, device=args.device if args.device != "auto" else
                                        ("cuda" if _common.gpu_name() != "none" else "cpu"),
@@ -820,15 +826,20 @@ def run_benchmark(args) -> dict:
     walled = {}  # peer -> reason it stopped
     last = {}  # peer -> (n, seconds)
     budget_left = lambda: args.total_cap - (time.perf_counter() - t_start)  # noqa: E731
+    partial = Path(args.out_dir) / f"throughput_{args.tag}.json"
     for n in sizes:
-        _spec, pool, logits = data_paths(root, n, args.d, args.dtype, args.classes)
+        if n != sizes[0]:
+            # Partial results after every size: a run cut short (time limit, OOM kill) keeps them.
+            _common.write_json(partial, dict(out, partial=True, total_s=time.perf_counter() - t_start))
+        # Data per size, lazily: a run cut short still has the small sizes' results.
+        pool, logits = ensure_data(root, n, args.d, args.dtype, args.classes, **gen)
         base = {"n": n, "d": args.d, "k": args.k, "metric": args.metric, "classes": args.classes,
                 "budget": max(1, n // 10) if args.budget is None else min(args.budget, n),
                 "seed": 0, "pool": str(pool), "logits": str(logits), "device": args.device,
                 "backend": args.backend, "ari_max": args.ari_max, "recall_queries": args.recall_queries,
                 "logits_on": args.logits_on, "cycle": args.cycle, "threads": args.threads}
         if args.drop_cache:
-            base["cache"] = drop_page_cache([pool, logits])
+            base["cache_state"] = drop_page_cache([pool, logits])
         if budget_left() <= 0:
             out["results"].append({"method": "ours", "n": n, "wall": "run budget exhausted"})
             continue
@@ -842,6 +853,9 @@ def run_benchmark(args) -> dict:
         for peer in peers:
             if peer in walled:
                 out["results"].append({"method": peer, "n": n, "wall": walled[peer]})
+                continue
+            if n > args.graph_max:
+                out["results"].append({"method": peer, "n": n, "wall": "skipped: above --graph-max (no graph of ours to compare)"})
                 continue
             mem = peer_memory_bytes(peer, n, args.d, args.k)
             if mem > args.peer_mem_gb * 1e9:
@@ -936,6 +950,15 @@ def summarize(out) -> None:
             f["knn_exact_gemm"] = {"floor_s": flops / (gf * 1e9),
                                    "basis": f"exact all-pairs GEMM {flops:.3g} flop at {gf:.0f} GFLOP/s",
                                    "time_over_floor": _stage_time(r, "knn") / (flops / (gf * 1e9))}
+        cb = fl.get("device_copy_gb_s")
+        t = _stage_time(r, "margin")
+        if cb and t:
+            nbytes = n * cfg["classes"] * 2
+            # A device copy reads and writes each byte; scoring reads each logit once.
+            f["margin_vs_device_copy"] = {"floor_s": nbytes / (cb / 2 * 1e9), "effective_read_gb_s": nbytes / t / 1e9,
+                                          "basis": f"read {nbytes / 1e9:.3g} GB at half the device copy rate "
+                                                   f"({cb:.0f} GB/s read+write)",
+                                          "time_over_floor": t / (nbytes / (cb / 2 * 1e9))}
         r["vs_floor"] = f
     out["targets"] = targets(out, ours, ratios)
 
@@ -957,6 +980,15 @@ def targets(out, ours, ratios) -> dict:
                                        "speedup_ok_20x": top["speedup"] >= 20,
                                        "clustering_speedup": top.get("clustering_speedup"),
                                        "ours_finishes_at_10x": bool(tenx), "sizes_>=10x_finished": tenx}
+    c = out["config"]
+    if out["machine"]["gpu"] != "none" and (c["d"], c["dtype"], c["k"], c["classes"]) == (256, "float16", 32, 1000):
+        r = ours.get(10_000_000)
+        if r:
+            e2e, cyc = _stage_time(r, "end_to_end"), _stage_time(r, "cycle")
+            t["gpu_10M_e2e_le_120s"] = {"measured_s": e2e, "ok": bool(e2e is not None and e2e <= 120),
+                                        "cache": r.get("cache_state"), "card": out["machine"]["gpu"],
+                                        "picked": r.get("quality", {}).get("picked")}
+            t["gpu_cycle_le_5s"] = {"measured_s": cyc, "ok": bool(cyc is not None and cyc <= 5)}
     e = out.get("exponents", {}).get("end_to_end", {})
     if e.get("exponent_n>=1e5") is not None:
         t["e2e_exponent_le_1.2"] = {"exponent": e["exponent_n>=1e5"], "range": e["range"],
@@ -1045,7 +1077,8 @@ def build_parser():
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
-    p.add_argument("--generate-on", default="cpu", help="where pools are generated: cpu (numpy) or a torch device")
+    p.add_argument("--generate-on", default="numpy",
+                   help="how pools are generated: numpy (cm_engine.synthetic), or with torch on a device (cpu, cuda)")
     p.add_argument("--logits-on", default="file", choices=["file", "device"],
                    help="logits read from a float16 .npy, or made on the device before timing")
     p.add_argument("--cycle", action="store_true", help="also time a cached-cluster cycle (scores + selection)")
