@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import torch
 
+from ._device import rows_per_block
 from ._validate import as_index_array, as_labels, check_float, check_int, check_length, check_nonempty
 from .sampler import ORDERS, _round_robin, as_generator, check_unique
 
@@ -46,11 +47,41 @@ def as_scores(name: str, value) -> np.ndarray:
     return arr
 
 
-def lowest_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k lowest scores, ascending by index; ties at the k-th value go to the lowest indices.
+def lowest_k(scores: np.ndarray, k: int, *, keep: np.ndarray | None = None, block_rows: int | None = None) -> np.ndarray:
+    """Pool indices of the k lowest scores (among `keep`, a bool [N] mask, when given), ascending by index.
 
-    O(N) (argpartition plus one pass for the boundary ties), never a full sort of N.
+    Ties at the k-th value go to the lowest indices, i.e. the result equals the first k of a stable
+    argsort. O(N) time (argpartition per block plus one pass for the boundary ties), never a full
+    sort of N. Memory: blocks of `block_rows` rows (default: from the byte budget, see
+    _device.budget_bytes) merged with the running best k, so the int64 temporaries stay
+    O(block + k) rather than O(N).
     """
+    n = scores.size
+    if block_rows is None:
+        block_rows = rows_per_block(24, maximum=n) if n else 1  # value copy + int64 index + argpartition
+    block_rows = max(block_rows, 1)
+    if keep is None and n <= block_rows:
+        return _lowest_positions(scores, k)
+    best_i = np.zeros(0, dtype=np.int64)
+    best_v = np.zeros(0, dtype=scores.dtype)
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        v = scores[start:stop]
+        if keep is not None:
+            loc = np.flatnonzero(keep[start:stop])
+            v, idx = v[loc], loc + start
+        else:
+            idx = np.arange(start, stop, dtype=np.int64)
+        # best_i are all < start and ascending, so position order in the concatenation is index
+        # order and "lowest position" ties mean "lowest index" ties across blocks too
+        cat_v, cat_i = np.concatenate([best_v, v]), np.concatenate([best_i, idx])
+        sel = _lowest_positions(cat_v, k)
+        best_v, best_i = cat_v[sel], cat_i[sel]
+    return best_i
+
+
+def _lowest_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k lowest values, ascending; ties at the k-th value to the lowest positions."""
     n = scores.size
     if k >= n:
         return np.arange(n, dtype=np.int64)
@@ -60,7 +91,7 @@ def lowest_k(scores: np.ndarray, k: int) -> np.ndarray:
     t = scores[part[k - 1]]
     head = part[:k]
     # argpartition puts every value < t before position k-1, but which of the values == t land
-    # there is up to its internals: take all < t, then the lowest indices among == t.
+    # there is up to its internals: take all < t, then the lowest positions among == t.
     less = head[scores[head] < t]
     ties = np.flatnonzero(scores == t)[: k - less.size]
     out = np.concatenate([less, ties]).astype(np.int64, copy=False)
@@ -109,13 +140,11 @@ def cluster_margin(scores, labels, budget, *, km_ratio=10.0, exclude=None, seed=
     km = int(round(km_ratio * budget))
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
+    keep = None
     if excl is not None and excl.size:
         keep = np.ones(n, dtype=np.bool_)
         keep[excl] = False
-        eligible = np.flatnonzero(keep)
-        cand = eligible[lowest_k(s[eligible], km)]
-    else:
-        cand = lowest_k(s, km)
+    cand = lowest_k(s, km, keep=keep)
     log.debug("cluster_margin: %d eligible, k_m=%d candidates, budget %d", n - (0 if excl is None else excl.size),
               cand.size, budget)
     labeled = excl if (label_aware and excl is not None) else None

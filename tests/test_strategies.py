@@ -23,10 +23,17 @@ def ref_candidates(scores, km, exclude=()):
 
 
 @settings(max_examples=100, deadline=None)
-@given(vals=st.lists(st.integers(0, 6), min_size=1, max_size=200), k=st.integers(0, 210))
-def test_lowest_k_matches_stable_sort_with_ties(vals, k):
+@given(vals=st.lists(st.integers(0, 6), min_size=1, max_size=200), k=st.integers(0, 210),
+       block=st.none() | st.integers(1, 80), drop=st.none() | st.lists(st.integers(0, 199), max_size=100))
+def test_lowest_k_matches_stable_sort_with_ties(vals, k, block, drop):
+    """Blocked (running best k merged per block) and masked variants equal a stable full sort."""
     s = np.array(vals, dtype=np.float32) / 4  # few distinct values: many ties at the boundary
-    assert np.array_equal(lowest_k(s, k), ref_candidates(s, k))
+    exclude = np.unique([i for i in (drop or []) if i < s.size]).astype(np.int64)
+    keep = None
+    if drop is not None:
+        keep = np.ones(s.size, dtype=bool)
+        keep[exclude] = False
+    assert np.array_equal(lowest_k(s, k, keep=keep, block_rows=block), ref_candidates(s, k, exclude))
 
 
 @pytest.mark.parametrize("order", ["smallest", "largest", "random"])
