@@ -1,0 +1,184 @@
+"""Near-duplicate filter, auto delta and redundancy report against plain-Python references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cm_engine.redundancy import (auto_delta, filtered_cluster_margin, filtered_margin, near_duplicate_filter,
+                                  redundancy_report)
+
+
+def random_graph(n, k, rng, *, missing=0.0):
+    """A random directed k-NN-like graph: distinct non-self neighbours, ascending distances, -1/inf holes."""
+    ind = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        ind[i] = rng.choice(np.delete(np.arange(n), i), k, replace=False)
+    dist = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+    if missing:
+        hole = np.sort(rng.random((n, k)) < missing, axis=1)  # holes at the end of rows
+        ind[hole] = -1
+        dist[hole] = np.inf
+    return ind, dist
+
+
+def near_sets(ind, dist, delta):
+    """Reference: for each point, the set of points joined to it by an edge <= delta (either direction)."""
+    n = ind.shape[0]
+    near = [set() for _ in range(n)]
+    for i in range(n):
+        for j, d in zip(ind[i], dist[i]):
+            if j >= 0 and j != i and d <= delta:
+                near[i].add(int(j))
+                near[int(j)].add(i)
+    return near
+
+
+def greedy_reference(order, ind, dist, delta, labeled):
+    near = near_sets(ind, dist, delta)
+    lab = set(int(x) for x in (labeled if labeled is not None else []))
+    kept, kept_set = [], set()
+    for c in order:
+        c = int(c)
+        if c in lab or near[c] & lab or near[c] & kept_set:
+            continue
+        kept.append(c)
+        kept_set.add(c)
+    return np.array(kept, dtype=np.int64)
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_filter_equals_greedy_loop(trial):
+    rng = np.random.default_rng(trial)
+    n, k = int(rng.integers(20, 300)), int(rng.integers(1, 8))
+    ind, dist = random_graph(n, k, rng, missing=0.2 if trial % 3 == 0 else 0.0)
+    delta = float(rng.choice([0.0, 0.05, 0.2, 0.5, 1.0]))
+    m = int(rng.integers(0, n + 1))
+    order = rng.permutation(n)[:m]
+    labeled = None if trial % 2 else rng.choice(n, int(rng.integers(0, n // 3 + 1)), replace=True)
+    got = near_duplicate_filter(order, (ind, dist), delta=delta, labeled=labeled)
+    want = greedy_reference(order, ind, dist, delta, labeled)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+
+
+def test_filter_chain_needs_many_rounds():
+    # a path 0-1-2-...: the greedy keeps every other point; the round loop must still be exact
+    n = 60
+    ind = np.stack([np.arange(1, n + 1) % n, np.arange(-1, n - 1) % n], axis=1)
+    dist = np.full((n, 2), 0.1, dtype=np.float32)
+    ind[-1, 0], dist[-1, 0] = -1, np.inf
+    ind[0, 1], dist[0, 1] = -1, np.inf
+    dist = np.sort(dist, axis=1)
+    order = np.arange(n)
+    got = near_duplicate_filter(order, (ind, dist), delta=0.1)
+    np.testing.assert_array_equal(got, np.arange(0, n, 2))
+    np.testing.assert_array_equal(got, greedy_reference(order, ind, dist, 0.1, None))
+
+
+def test_filter_on_copy_groups_keeps_one_per_group():
+    from cm_engine.knn import knn_graph
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((100, 8)).astype(np.float32)
+    X = np.repeat(base, 4, axis=0) + 1e-3 * rng.standard_normal((400, 8)).astype(np.float32)
+    group = np.repeat(np.arange(100), 4)
+    g = knn_graph(X, k=8, metric="l2", backend="torch", device="cpu")
+    delta = auto_delta(g)
+    assert delta > 0
+    kept = near_duplicate_filter(rng.permutation(400), g, delta=delta)
+    assert sorted(group[kept].tolist()) == list(range(100))
+    # labeled copies suppress their whole group
+    lab = np.flatnonzero(group < 30)[::4]
+    kept = near_duplicate_filter(np.arange(400), g, delta=delta, labeled=lab)
+    assert set(group[kept].tolist()) == set(range(30, 100))
+
+
+def test_auto_delta_clean_vs_redundant():
+    from cm_engine.knn import knn_graph
+
+    rng = np.random.default_rng(1)
+    clean = rng.standard_normal((800, 16)).astype(np.float32)
+    g = knn_graph(clean, k=10, metric="l2", backend="torch", device="cpu")
+    assert auto_delta(g) == 0.0  # no copy mode: only exact duplicates count
+    red = np.repeat(clean[:200], 4, axis=0) + 0.01 * rng.standard_normal((800, 16)).astype(np.float32)
+    g = knn_graph(red, k=10, metric="l2", backend="torch", device="cpu")
+    d = auto_delta(g)
+    # copies lie at about 0.01 * sqrt(2 * 16) ~ 0.057, distinct points at ~ sqrt(2 * 16) ~ 5.7
+    assert 0.08 < d < 3.0
+    copy_d = g.distances[:, :3]
+    assert (copy_d <= d).mean() > 0.99 and (g.distances[:, 3:] > d).mean() > 0.99
+    # deterministic
+    assert auto_delta(g) == d
+
+
+def test_report_matches_brute_force():
+    rng = np.random.default_rng(5)
+    for trial in range(8):
+        n, k = 150, 5
+        ind, dist = random_graph(n, k, rng, missing=0.1)
+        delta = float(rng.choice([0.05, 0.2, 0.6]))
+        picked = rng.permutation(n)[: int(rng.integers(1, 60))]
+        labeled = rng.choice(np.setdiff1d(np.arange(n), picked), 30, replace=False) if trial % 2 else None
+        rep = redundancy_report(picked, (ind, dist), delta=delta, labeled=labeled)
+        near = near_sets(ind, dist, delta)
+        lab = set() if labeled is None else set(labeled.tolist())
+        ps = set(picked.tolist())
+        nl = [bool(near[p] & lab) or p in lab for p in picked]
+        nc = [bool(near[p] & (ps - {p})) for p in picked]
+        assert rep["n_picked"] == picked.size
+        assert rep["near_labeled"] == pytest.approx(np.mean(nl))
+        assert rep["near_copicked"] == pytest.approx(np.mean(nc))
+        assert rep["redundant"] == pytest.approx(np.mean(np.array(nl) | np.array(nc)))
+        kept = greedy_reference(picked, ind, dist, delta, labeled)
+        assert rep["dropped_by_filter"] == pytest.approx(1 - kept.size / picked.size)
+    assert redundancy_report([], (ind, dist), delta=0.1)["redundant"] == 0.0
+
+
+def test_filtered_margin_and_cluster_margin():
+    rng = np.random.default_rng(2)
+    n, k = 300, 6
+    ind, dist = random_graph(n, k, rng)
+    scores = rng.random(n).astype(np.float32)
+    excl = rng.choice(n, 40, replace=False)
+    delta = 0.3
+    got = filtered_margin(scores, (ind, dist), 50, delta=delta, exclude=excl)
+    order = np.setdiff1d(np.arange(n), excl)
+    order = order[np.argsort(scores[order], kind="stable")]
+    want = greedy_reference(order, ind, dist, delta, excl)[:50]
+    np.testing.assert_array_equal(got, want)
+    labels = rng.integers(0, 20, n)
+    cm = filtered_cluster_margin(scores, labels, (ind, dist), 30, km_ratio=2.0, delta=delta, exclude=excl, seed=3)
+    assert cm.size == 30 and np.unique(cm).size == 30
+    assert set(cm.tolist()) <= set(greedy_reference(order, ind, dist, delta, excl)[:60].tolist())
+    assert not set(cm.tolist()) & set(excl.tolist())
+    # budget 0, and a budget larger than the survivors
+    assert filtered_margin(scores, (ind, dist), 0, delta=delta).size == 0
+    allkept = greedy_reference(np.argsort(scores, kind="stable"), ind, dist, delta, None)
+    np.testing.assert_array_equal(filtered_margin(scores, (ind, dist), n, delta=delta), allkept)
+
+
+def test_bad_input():
+    rng = np.random.default_rng(0)
+    ind, dist = random_graph(30, 3, rng)
+    with pytest.raises(ValueError, match="delta"):
+        near_duplicate_filter([0, 1], (ind, dist), delta=-1.0)
+    with pytest.raises(ValueError, match="delta"):
+        near_duplicate_filter([0, 1], (ind, dist), delta=float("nan"))
+    with pytest.raises(ValueError, match="order"):
+        near_duplicate_filter([0, 0], (ind, dist), delta=0.1)
+    with pytest.raises(ValueError, match="order"):
+        near_duplicate_filter([0, 30], (ind, dist), delta=0.1)
+    with pytest.raises(ValueError, match="labeled"):
+        near_duplicate_filter([0], (ind, dist), delta=0.1, labeled=[-1])
+    with pytest.raises(ValueError, match="distances"):
+        near_duplicate_filter([0], (ind, dist[:, :2]), delta=0.1)
+    with pytest.raises(TypeError, match="graph"):
+        near_duplicate_filter([0], object(), delta=0.1)
+    with pytest.raises(TypeError, match="order"):
+        near_duplicate_filter([0.5], (ind, dist), delta=0.1)
+    with pytest.raises(ValueError, match="graph"):
+        filtered_margin(np.zeros(10), (ind, dist), 3, delta=0.1)
+    with pytest.raises(ValueError, match="budget"):
+        filtered_margin(np.zeros(30), (ind, dist), -1, delta=0.1)
+    with pytest.raises(ValueError, match="km_ratio"):
+        filtered_cluster_margin(np.zeros(30), np.zeros(30, int), (ind, dist), 3, km_ratio=0.5, delta=0.1)
