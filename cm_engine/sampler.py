@@ -10,20 +10,23 @@ cluster, its cluster's position in the order); the lexicographic order of that k
 budget, *is* the round-robin: pass r takes the rank-r candidate of every cluster with more than r
 candidates, in cluster order. Two kernels compute it:
 
-* numba (the default): a stable counting pass groups the candidates by cluster position
-  (O(m + K)); each cluster's segment gets a partial Fisher-Yates shuffle of only the ranks that the
-  budget reaches; each picked candidate is written straight to its output slot, whose pass offsets
-  come from the cluster counts. O(m + K) work and no sort at all.
-* numpy (fallback when numba is missing): a random permutation of the candidates, a stable argsort
-  by cluster position (random order inside each cluster), the (rank, position) key, and an
-  argpartition + sort of only the first `budget` keys.
+* numba (the default from NUMBA_MIN_CANDIDATES candidates on): a stable counting pass groups the
+  candidates by cluster position (O(m + K)); each cluster's segment gets a partial Fisher-Yates
+  shuffle of only the ranks that the budget reaches; each picked candidate is written straight to
+  its output slot, whose pass offsets come from the cluster counts. O(m + K), no sort at all.
+* numpy (below NUMBA_MIN_CANDIDATES, and the fallback when numba is missing): a random
+  permutation of the candidates, a stable argsort by cluster position (random order inside each
+  cluster), the (rank, position) key, and an argpartition + sort of only the first `budget` keys.
 
 Both give every admissible outcome the paper's probabilities, but they consume the seed's random
-stream differently, so the exact picks for one seed differ between them. numba is a hard dependency
-of the package; the numpy path is kept as a fallback and as a second implementation for the tests.
+stream differently, so the exact picks for one seed differ between them. Which one runs depends
+only on the number of candidates and on numba being installed, so one input and seed always give
+the same picks on one installation. numba is a hard dependency of the package; the numpy kernel is
+the small-input path, the fallback, and a second implementation for the tests.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import numbers
 
@@ -35,13 +38,12 @@ log = logging.getLogger("cm_engine")
 
 ORDERS = ("smallest", "largest", "random")
 
-try:  # numba is a declared dependency; the fallback keeps the sampler usable without it
-    import numba as _numba
-
-    HAVE_NUMBA = True
-except ImportError:  # pragma: no cover - exercised by forcing kernel="numpy" in the tests
-    _numba = None
-    HAVE_NUMBA = False
+#: numba is a declared dependency; the numpy kernel keeps the sampler usable without it. Imported
+#: lazily: loading numba and the cached kernel costs about a second, more than the whole numpy
+#: kernel on small inputs.
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+#: Below this many candidates kernel="auto" uses the numpy kernel (about 2 ms at 10K here).
+NUMBA_MIN_CANDIDATES = 20_000
 
 
 def as_generator(seed, *, name: str = "seed") -> np.random.Generator:
@@ -125,7 +127,7 @@ def _round_robin(cand, labels, budget, rng, *, order="smallest", labeled=None, k
     np.cumsum(cnt_pos[:-1], out=seg_start[1:])
     pass_start, rstar, rem, n_out = _cut(counts, budget)
     if kernel == "auto":
-        kernel = "numba" if HAVE_NUMBA else "numpy"
+        kernel = "numba" if HAVE_NUMBA and m >= NUMBA_MIN_CANDIDATES else "numpy"
     if kernel == "numba":
         seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
         return _rr_numba()(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed)
@@ -248,7 +250,7 @@ def _wrap_numba(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n
 
 
 def _build_numba_kernel():
-    njit = _numba.njit
+    from numba import njit
 
     @njit(cache=True, nogil=True)
     def kernel(cand, raw, table, use_table, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed):

@@ -341,3 +341,14 @@ def test_duplicate_detection_both_paths():
         round_robin([7, 1, 7], np.zeros(10, int), 1)
     with pytest.raises(ValueError, match="candidates: expected unique.*e.g. 7"):
         round_robin([7, 1, 7], np.zeros(10_000, int), 1)
+
+
+def test_auto_kernel_choice_is_a_function_of_the_input_size():
+    rng = np.random.default_rng(9)
+    labels = random_pool(rng, 40_000, 500)
+    for m in (1_000, sampler.NUMBA_MIN_CANDIDATES + 10):
+        cands = rng.choice(labels.size, size=m, replace=False)
+        want = "numba" if sampler.HAVE_NUMBA and m >= sampler.NUMBA_MIN_CANDIDATES else "numpy"
+        got = round_robin(cands, labels, m // 4, seed=2)
+        assert np.array_equal(got, rr(cands, labels, m // 4, 2, kernel=want))
+        check_structure(got, cands, labels, m // 4)
