@@ -60,24 +60,29 @@ def lowest_k(scores: np.ndarray, k: int, *, keep: np.ndarray | None = None, bloc
     if block_rows is None:
         block_rows = rows_per_block(24, maximum=n) if n else 1  # value copy + int64 index + argpartition
     block_rows = max(block_rows, 1)
-    if keep is None and n <= block_rows:
-        return _lowest_positions(scores, k)
-    best_i = np.zeros(0, dtype=np.int64)
-    best_v = np.zeros(0, dtype=scores.dtype)
+    best = np.zeros(0, dtype=np.int64)
     for start in range(0, n, block_rows):
         stop = min(n, start + block_rows)
         v = scores[start:stop]
+        kk = k
         if keep is not None:
-            loc = np.flatnonzero(keep[start:stop])
-            v, idx = v[loc], loc + start
-        else:
-            idx = np.arange(start, stop, dtype=np.int64)
-        # best_i are all < start and ascending, so position order in the concatenation is index
-        # order and "lowest position" ties mean "lowest index" ties across blocks too
-        cat_v, cat_i = np.concatenate([best_v, v]), np.concatenate([best_i, idx])
-        sel = _lowest_positions(cat_v, k)
-        best_v, best_i = cat_v[sel], cat_i[sel]
-    return best_i
+            kb = keep[start:stop]
+            ne = int(np.count_nonzero(kb))
+            if ne < v.size:
+                # excluded -> +inf: with kk <= eligible count and finite eligible scores, an
+                # excluded point can never be among the kk lowest, not even through a tie
+                v = np.where(kb, v, np.inf)
+            kk = min(k, ne)
+        sel = _lowest_positions(v, kk)
+        if start:
+            sel += start
+        if best.size:
+            # best < start and both ascending: position order is index order, so the
+            # lowest-position tie rule stays the lowest-index rule across blocks
+            cat = np.concatenate([best, sel])
+            sel = cat[_lowest_positions(scores[cat], k)]
+        best = sel
+    return best
 
 
 def _lowest_positions(scores: np.ndarray, k: int) -> np.ndarray:
