@@ -220,7 +220,7 @@ def _rr_numpy(cand, key, pos_of, cnt_pos, seg_start, n_out, rng):
     perm = rng.permutation(m)
     raw = key.raw[perm]
     cpos = pos_of[raw if key.table is None else key.table[raw]]
-    grouped = perm[np.argsort(cpos, kind="stable")]  # by cluster position, random inside
+    grouped = perm[_stable_argsort_uint(cpos, K - 1)]  # by cluster position, random inside
     cl = np.repeat(np.arange(K, dtype=np.int64), cnt_pos)
     rank = np.arange(m, dtype=np.int64) - np.repeat(seg_start, cnt_pos)
     k = rank * K + cl
@@ -230,6 +230,21 @@ def _rr_numpy(cand, key, pos_of, cnt_pos, seg_start, n_out, rng):
     else:
         sel = np.argsort(k)
     return cand[grouped[sel]]
+
+
+def _stable_argsort_uint(x, maxval: int) -> np.ndarray:
+    """Stable argsort of non-negative ints <= maxval: LSD radix over 16-bit digits.
+
+    numpy's stable sort is a radix sort only for 16-bit types; one pass per digit is about twice
+    as fast as its timsort on int64 for 10M keys (measured here).
+    """
+    order = np.argsort((x & 0xFFFF).astype(np.uint16), kind="stable")
+    shift = 16
+    while maxval >> shift:
+        digit = ((x[order] >> shift) & 0xFFFF).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+        shift += 16
+    return order
 
 
 _NUMBA_KERNEL = None

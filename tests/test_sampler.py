@@ -352,3 +352,9 @@ def test_auto_kernel_choice_is_a_function_of_the_input_size():
         got = round_robin(cands, labels, m // 4, seed=2)
         assert np.array_equal(got, rr(cands, labels, m // 4, 2, kernel=want))
         check_structure(got, cands, labels, m // 4)
+
+
+@pytest.mark.parametrize("maxval", [1, 300, 2**16 - 1, 2**16, 2**20 + 5, 2**40])
+def test_radix_argsort_is_stable_argsort(maxval):
+    x = np.random.default_rng(maxval % 97).integers(0, maxval + 1, 5_000)
+    assert np.array_equal(sampler._stable_argsort_uint(x, maxval), np.argsort(x, kind="stable"))
