@@ -437,13 +437,18 @@ def worker_ours(cfg) -> dict:
     res = {"method": "ours", "n": n, "stages": {}, "status": {}, "quality": {},
            "cache_state": cfg.get("cache_state", "warm (page cache not dropped)")}
     t_import = time.perf_counter()
-    _warm_up(cfg, device)
-    res["warmup_s"] = time.perf_counter() - t_import
+    if cfg.get("warmup", True):
+        _warm_up(cfg, device)
+    res["warmup_s"] = time.perf_counter() - t_import if cfg.get("warmup", True) else None
     rss0 = _common.current_rss_bytes()
     st, status = res["stages"], res["status"]
     graph = labels = scores = picked = None
 
     def run(stage, fn):
+        if cfg.get("result_path"):
+            # Checkpoint before each stage: a worker killed at its time cap keeps what it measured.
+            _common.write_json(cfg["result_path"], dict(res, partial=True, running=stage,
+                                                        peak_rss_bytes=_common.peak_rss_bytes()))
         t0 = time.perf_counter()
         try:
             out = fn()
@@ -481,7 +486,7 @@ def worker_ours(cfg) -> dict:
         else:
             status["hac"] = "skipped: no graph"
     else:
-        status["knn"] = status["hac"] = "skipped: above --graph-max"
+        status["knn"] = status["hac"] = "skipped: " + cfg.get("graph_skipped", "above --graph-max")
     if labels is not None and cfg.get("labels_out"):
         # Peers at this size compare their clusters with ours (ARI) from this file.
         np.save(cfg["labels_out"], labels)
@@ -761,8 +766,11 @@ def _spawn(cfg, timeout, run_dir):
         proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     except subprocess.TimeoutExpired:
-        return {"method": cfg["method"], "n": cfg["n"], "wall": "timeout", "status_overall": f"timeout (> {timeout:.0f} s)",
-                "process_s": time.perf_counter() - t0}
+        res = json.loads(rp.read_text()) if rp.exists() else {"method": cfg["method"], "n": cfg["n"]}
+        res.update(wall=f"timeout (> {timeout:.0f} s)", process_s=time.perf_counter() - t0)
+        if res.get("running"):
+            res.setdefault("status", {})[res["running"]] = f"timeout (> {timeout:.0f} s for the whole run)"
+        return res
     if rp.exists():
         res = json.loads(rp.read_text())
     else:
@@ -827,28 +835,53 @@ def run_benchmark(args) -> dict:
     last = {}  # peer -> (n, seconds)
     budget_left = lambda: args.total_cap - (time.perf_counter() - t_start)  # noqa: E731
     partial = Path(args.out_dir) / f"throughput_{args.tag}.json"
+
+    def checkpoint():
+        # Partial results after every run: a run cut short (time limit, OOM kill) keeps them.
+        _common.write_json(partial, dict(out, partial=True, total_s=time.perf_counter() - t_start))
+
+    # Phase 1: ours at every size (the targets), phase 2: the peers, so that a run budget
+    # that runs out cuts the peers' largest sizes, never our curve.
+    bases, ours_res = {}, {}
     for n in sizes:
-        if n != sizes[0]:
-            # Partial results after every size: a run cut short (time limit, OOM kill) keeps them.
-            _common.write_json(partial, dict(out, partial=True, total_s=time.perf_counter() - t_start))
         # Data per size, lazily: a run cut short still has the small sizes' results.
         pool, logits = ensure_data(root, n, args.d, args.dtype, args.classes, **gen)
         base = {"n": n, "d": args.d, "k": args.k, "metric": args.metric, "classes": args.classes,
                 "budget": max(1, n // 10) if args.budget is None else min(args.budget, n),
                 "seed": 0, "pool": str(pool), "logits": str(logits), "device": args.device,
                 "backend": args.backend, "ari_max": args.ari_max, "recall_queries": args.recall_queries,
-                "logits_on": args.logits_on, "cycle": args.cycle, "threads": args.threads}
+                "logits_on": args.logits_on, "cycle": args.cycle, "threads": args.threads,
+                "warmup": not args.no_warmup}
+        bases[n] = base
         if args.drop_cache:
             base["cache_state"] = drop_page_cache([pool, logits])
         if budget_left() <= 0:
             out["results"].append({"method": "ours", "n": n, "wall": "run budget exhausted"})
             continue
+        graph = n <= args.graph_max
+        prev = [m for m in ours_res if m < n]
+        if graph and prev:
+            p_ = ours_res[max(prev)]
+            tc = _stage_time(p_, "clustering")
+            if tc is None and (p_.get("wall") or p_.get("error")):
+                graph = False
+                base["graph_skipped"] = f"k-NN + HAC did not finish at n={max(prev)}"
+            elif tc is not None and tc * (n / max(prev)) ** 1.2 > args.ours_cap:
+                graph = False
+                base["graph_skipped"] = (f"k-NN + HAC predicted {tc * (n / max(prev)) ** 1.2:.0f} s "
+                                         f"> --ours-cap {args.ours_cap:.0f} s")
         _common.log(f"ours n={n}")
-        r = _spawn(dict(base, method="ours", graph=n <= args.graph_max,
+        r = _spawn(dict(base, method="ours", graph=graph,
                         labels_out=str(run_dir / f"ours_labels_n{n}.npy") if n <= 1_000_000 else None),
                    min(args.ours_cap, max(30, budget_left())), run_dir)
         out["results"].append(r)
-        _common.log(f"  -> {json.dumps({k: r.get(k) for k in ('stages', 'status', 'quality', 'peak_rss_bytes', 'wall', 'error')})[:600]}")
+        ours_res[n] = r
+        checkpoint()
+        _common.log(f"  -> {json.dumps({k: r.get(k) for k in ('stages', 'status', 'quality', 'peak_rss_bytes', 'wall', 'error')})[:900]}")
+    for n in sizes:
+        if n not in bases:
+            continue
+        base, r = bases[n], ours_res.get(n, {})
         eps = r.get("epsilon")
         for peer in peers:
             if peer in walled:
@@ -876,13 +909,15 @@ def run_benchmark(args) -> dict:
                 out["results"].append({"method": peer, "n": n, "wall": "run budget exhausted"})
                 continue
             _common.log(f"{peer} n={n}")
-            pr = _spawn(dict(base, method=peer, epsilon=eps, ours_labels=r.get("labels_path")), min(args.peer_cap, max(10, budget_left())), run_dir)
+            pr = _spawn(dict(base, method=peer, epsilon=eps, ours_labels=r.get("labels_path")),
+                        min(args.peer_cap, max(10, budget_left())), run_dir)
             out["results"].append(pr)
             if pr.get("wall") is not None or pr.get("error"):
                 walled[peer] = pr.get("wall") or f"error: {pr.get('error')}"
             else:
                 last[peer] = (n, pr.get("process_s", 0))
-            _common.log(f"  -> {json.dumps({k: pr.get(k) for k in ('stages', 'quality', 'peak_rss_bytes', 'wall', 'error')})[:400]}")
+            checkpoint()
+            _common.log(f"  -> {json.dumps({k: pr.get(k) for k in ('stages', 'quality', 'peak_rss_bytes', 'wall', 'error')})[:500]}")
     out["total_s"] = time.perf_counter() - t_start
     summarize(out)
     return out
@@ -1022,7 +1057,8 @@ def plot(out, path) -> Path | None:
               "faiss_ivf": ("knn", "tab:olive", "<")}
     for peer, (stage, c, m) in pstyle.items():
         pts = sorted((r["n"], _stage_time(r, stage)) for r in res if r["method"] == peer and _stage_time(r, stage))
-        walls = sorted((r["n"], r["wall"]) for r in res if r["method"] == peer and r.get("wall"))
+        walls = sorted((r["n"], r["wall"]) for r in res if r["method"] == peer and r.get("wall")
+                       and not r["wall"].startswith("skipped") and "budget" not in r["wall"])
         if not pts and not walls:
             continue
         e = ex.get(f"peer:{peer}", {}).get("exponent_all")
@@ -1040,7 +1076,7 @@ def plot(out, path) -> Path | None:
     ax.set_xlabel("pool size N (rows)")
     ax.set_ylabel("wall time (s)")
     m = out["machine"]
-    ax.set_title(f"cm-engine throughput vs pool size: d={out['config']['d']} {out['config']['dtype']}, "
+    ax.set_title(f"cm-engine throughput vs pool size (synthetic pools): d={out['config']['d']} {out['config']['dtype']}, "
                  f"k={out['config']['k']}, {out['config']['classes']} classes\n"
                  f"{m.get('cpu_count')} cores, {m.get('ram_gib')} GiB RAM, GPU: {m.get('gpu')} "
                  f"(device={out['config']['device']}); x = peer's wall", fontsize=9)
@@ -1090,6 +1126,8 @@ def build_parser():
     p.add_argument("--tag", default=None, help="results name: benchmarks/results/throughput_<tag>.json")
     p.add_argument("--out-dir", default=str(_common.RESULTS))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip the warm-up pass of ours (smoke runs only: first-call JIT then lands in the timings)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -1107,6 +1145,7 @@ def main(argv=None) -> int:
         args.recall_queries = min(args.recall_queries, 200)
         args.matmul_n = min(args.matmul_n, 512)
         args.total_cap = min(args.total_cap, 300.0)
+        args.no_warmup = True
     args.sizes = args.sizes or list(FULL_SIZES)
     args.tag = args.tag or ("gpu" if "cuda" in args.device else "cpu")
     out = run_benchmark(args)

@@ -61,8 +61,8 @@ if [ "$DRY" = 1 ]; then
   # The CPU stands in for the card: same steps, tiny sizes, nothing installed.
   DEVICE=cpu
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  CURVE_ARGS=(--sizes 1500,3000 --graph-max 1500 --d 32 --dtype float16 --classes 20 --recall-queries 100 --matmul-n 256)
-  TARGET_ARGS=(--sizes 2000 --d 32 --dtype float16 --k 8 --classes 20 --budget 100 --recall-queries 100 --matmul-n 256)
+  CURVE_ARGS=(--sizes 1500,3000 --graph-max 1500 --d 32 --dtype float16 --classes 20 --recall-queries 100 --matmul-n 256 --no-warmup)
+  TARGET_ARGS=(--sizes 2000 --d 32 --dtype float16 --k 8 --classes 20 --budget 100 --recall-queries 100 --matmul-n 256 --no-warmup)
   L_INSTALL=30; L_TESTS=120; L_CURVE=120; L_TARGET=120
 else
   DEVICE=cuda
