@@ -144,8 +144,12 @@ def _scores_from_args(args, n_hint=None):
     src = args.logits if args.logits is not None else args.probabilities
     name = "--logits" if args.logits is not None else "--probabilities"
     pool = Pool(src, name=name)
-    return margin_scores(pool.array, from_logits=args.logits is not None, multilabel=args.multilabel,
-                         reduce=args.reduce, device=args.device)
+    try:
+        return margin_scores(pool.array, from_logits=args.logits is not None, multilabel=args.multilabel,
+                             reduce=args.reduce, device=args.device)
+    except (ValueError, TypeError) as e:  # the library names its argument "outputs"; the user typed a flag
+        msg = str(e)
+        raise type(e)(name + msg[len("outputs"):] if msg.startswith("outputs") else msg) from None
 
 
 def cmd_select(args) -> int:

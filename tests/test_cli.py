@@ -163,7 +163,7 @@ def test_cluster_then_select(files, capsys):
     (["--epsilon", "0.1", "--k", str(N)], "k"),
 ])
 def test_cluster_bad_input(files, capsys, argv, expect):
-    out = files["dir"] / "labels.npy"
+    out = files["dir"] / "cluster-out.npy"
     code, _, err = run(capsys, "cluster", "--embeddings", files["emb"], "--quiet", "--out", out, *argv)
     assert code == 2 and expect in err and err.count("\n") == 1, err
     assert not out.exists()
