@@ -50,11 +50,12 @@ class GraphParams:
 
 @dataclass(frozen=True)
 class ClusterParams:
-    """Everything the merge list depends on besides the pool (the merge list's cache key)."""
+    """Everything the merge list depends on besides the pool (the merge list's cache key):
+    the graph's parameters and `hac.HACParams` (missing-pair rule, algorithm version, ...), with
+    HAC's defaults filled in, so a change of a default or of the algorithm is a new entry."""
 
     graph: GraphParams = field(default_factory=GraphParams)
-    missing: str = "bound"  # how missing pairs count in the linkage (see hac.py)
-    hac_version: int = 0  # hac.ALGORITHM_VERSION: a new algorithm never reuses old merge lists
+    hac: object = None  # a hac.HACParams (frozen)
 
 
 @dataclass
@@ -128,16 +129,17 @@ def _stage_done(timings: dict, stage: str, t0: float) -> float:
 
 def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, metric: str = "cosine",
             backend: str = "auto", device="auto", cache_dir=None, seed: int = 0, budget_bytes=None,
-            progress: Callable | None = None, exact: bool | None = None, missing: str = "bound",
-            verify: str = "full", full_fingerprint: bool = False, **options) -> Clustering:
+            progress: Callable | None = None, exact: bool | None = None, missing: str | None = None,
+            missing_value: float | None = None, verify: str = "full", full_fingerprint: bool = False,
+            **options) -> Clustering:
     """Average-linkage HAC clusters of `embeddings` [N, d] over its k-NN graph, cached.
 
     embeddings: array, memmap, torch tensor or path to a `.npy` (never read whole).
     epsilon (>= 0) | target_mean_size (>= 1): exactly one; the cut's linkage threshold, or the
       mean cluster size whose epsilon is chosen from the merge list.
     k, metric ("cosine" | "l2"), backend, device, exact, seed, budget_bytes, **options: passed to
-      `knn_graph` (options are its backend options: nlist, nprobe, ...). missing: how missing
-      pairs count in the linkage ("bound" | "edges", see `hac`).
+      `knn_graph` (options are its backend options: nlist, nprobe, ...). missing, missing_value:
+      how pairs that are not graph edges count in the linkage (see `hac`; None: hac's default).
     cache_dir: directory of the on-disk cache (created if needed; must be writable), or None.
     verify: "full" (checksum cached arrays on load) or "size". full_fingerprint: hash every byte
       of the pool for the key instead of the default sample of rows.
@@ -154,17 +156,18 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
         raise ValueError(f"k: expected 1 <= k < N = {pool.n} (the number of rows of embeddings), got {k}")
     check_choice("metric", metric, METRICS)
     check_choice("backend", backend, BACKENDS)
-    check_choice("missing", missing, ("bound", "edges"))
     if exact is not None and not isinstance(exact, (bool, np.bool_)):
         raise TypeError(f"exact: expected True, False or None, got {exact!r}")
     seed = check_int("seed", seed, min=0)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress: expected a callable or None, got {type(progress).__name__}")
-    from .hac import ALGORITHM_VERSION, hac_merges, Merges
+    from .hac import HACParams, Merges, hac_merges
 
+    hac_kw = {key: v for key, v in (("missing", missing), ("missing_value", missing_value)) if v is not None}
+    hparams = HACParams(**hac_kw)  # validates missing / missing_value (ValueError naming them)
     gparams = GraphParams(k=k, metric=metric, backend=backend, exact=None if exact is None else bool(exact),
                           seed=seed, options=tuple(sorted(options.items())))
-    params = ClusterParams(graph=gparams, missing=missing, hac_version=ALGORITHM_VERSION)
+    params = ClusterParams(graph=gparams, hac=hparams)
     cache = None
     if cache_dir is not None:
         from .cache import ArrayCache
@@ -191,7 +194,7 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
         graph = _graph(pool, gparams, cache, fp if cache is not None else None, hits,
                        device=device, budget_bytes=budget_bytes, progress=progress)
         t = _stage_done(timings, "graph", t)
-        merges = hac_merges(graph, max_epsilon=None, missing=missing, device=device, budget_bytes=budget_bytes)
+        merges = hac_merges(graph, max_epsilon=None, device=device, budget_bytes=budget_bytes, **hac_kw)
         del graph
         if cache is not None:
             hits["merges"] = False

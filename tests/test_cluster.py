@@ -52,6 +52,8 @@ def test_exactly_one_of_epsilon_and_target(X):
         cluster(X, k=5, epsilon=0.1, metric="manhattan")
     with pytest.raises(ValueError, match="embeddings"):
         cluster(X[0], k=5, epsilon=0.1)
+    with pytest.raises(ValueError, match="missing"):
+        cluster(X, k=5, epsilon=0.1, missing="sometimes")
 
 
 def test_unwritable_cache_dir_fails_before_any_work(X, tmp_path, monkeypatch):
@@ -139,10 +141,13 @@ def test_different_params_or_pool_different_key(X, tmp_path):
 
 
 def test_params_dataclasses_are_frozen_and_hashable():
-    p = ClusterParams(graph=GraphParams(k=3))
+    from cm_engine.hac import HACParams
+
+    p = ClusterParams(graph=GraphParams(k=3), hac=HACParams())
     with pytest.raises(Exception):
-        p.missing = "edges"
-    assert hash(p) == hash(ClusterParams(graph=GraphParams(k=3)))
+        p.hac = HACParams(missing="edges")
+    assert hash(p) == hash(ClusterParams(graph=GraphParams(k=3), hac=HACParams()))
+    assert p != ClusterParams(graph=GraphParams(k=3), hac=HACParams(missing="edges"))
 
 
 def test_no_cache_dir(X):
