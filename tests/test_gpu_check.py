@@ -40,7 +40,7 @@ def test_fit_exponent_recovers_power_law(tp):
 
 
 def test_peer_memory_estimate_walls_the_quadratic_peers(tp):
-    # fastcluster keeps a float64 condensed matrix: 4 N^2 bytes; 100K points is 40 GB, 10K is 0.4 GB.
+    # pdist's float64 condensed matrix and fastcluster's copy: 8 N^2 bytes; 100K points is 80 GB, 10K 0.8 GB.
     assert tp.peer_memory_bytes("cm_fastcluster", 100_000, 128, 16) > 12e9
     assert tp.peer_memory_bytes("cm_fastcluster", 10_000, 128, 16) < 1e9
     assert tp.peer_memory_bytes("cm_sklearn", 40_000, 128, 16) > 12e9
