@@ -411,10 +411,238 @@ def _resident(nbytes: int, budget) -> bool:
     return nbytes <= _budget_bytes(budget)
 
 
+
+# ----------------------------------------------------------------------------- CPU kernel: lazy greedy
+
+try:
+    import numba as _numba
+except ImportError:  # pragma: no cover
+    _numba = None
+
+
+def _lazy_kcenter_py(X, cand, mind, budget, first, picks):
+    """Lazy k-center greedy (exact): a max-heap of per-point distance bounds.
+
+    mind[p] is an upper bound of candidate p's distance to the chosen centres, exact as of
+    last[p] picks. Pop the largest bound; if stale, measure it against the picks made since and
+    push it back; if fresh, it is the true farthest point (every other key is an upper bound).
+    Points whose bound stays below the current maximum are never touched again, so the cost is
+    a small fraction of the O(N * budget * d) plain traversal on most pools. Ties: lowest position.
+    """
+    m, d = cand.shape[0], X.shape[1]
+    last = np.zeros(m, np.int64)
+    heap = np.empty(m, np.int64)
+    t = 0
+    if first >= 0:
+        picks[0] = first
+        t = 1
+        xf = X[cand[first]]
+        for p in range(m):
+            s = 0.0
+            xp = X[cand[p]]
+            for k in range(d):
+                diff = xp[k] - xf[k]
+                s += diff * diff
+            v = np.sqrt(s)
+            if v < mind[p]:
+                mind[p] = v
+        last[:] = 1
+    picked = np.zeros(m, np.bool_)
+    if first >= 0:
+        picked[first] = True
+    size = 0
+    for p in range(m):
+        if not picked[p]:
+            heap[size] = p
+            size += 1
+    # heapify: parent "greater" = larger bound, then lower position
+    for start in range(size // 2 - 1, -1, -1):
+        i = start
+        while True:
+            l = 2 * i + 1
+            if l >= size:
+                break
+            b = l
+            r = l + 1
+            if r < size and (mind[heap[r]] > mind[heap[l]] or (mind[heap[r]] == mind[heap[l]] and heap[r] < heap[l])):
+                b = r
+            if mind[heap[b]] > mind[heap[i]] or (mind[heap[b]] == mind[heap[i]] and heap[b] < heap[i]):
+                heap[i], heap[b] = heap[b], heap[i]
+                i = b
+            else:
+                break
+    while t < budget and size > 0:
+        p = heap[0]
+        if last[p] < t:
+            xp = X[cand[p]]
+            best = mind[p]
+            for j in range(last[p], t):
+                xc = X[cand[picks[j]]]
+                s = 0.0
+                for k in range(d):
+                    diff = xp[k] - xc[k]
+                    s += diff * diff
+                v = np.sqrt(s)
+                if v < best:
+                    best = v
+            mind[p] = best
+            last[p] = t
+        else:
+            picks[t] = p
+            t += 1
+            mind[p] = 0.0
+            size -= 1
+            heap[0] = heap[size]
+        # sift the root down (its key only decreased, or it was replaced)
+        i = 0
+        while True:
+            l = 2 * i + 1
+            if l >= size:
+                break
+            b = l
+            r = l + 1
+            if r < size and (mind[heap[r]] > mind[heap[l]] or (mind[heap[r]] == mind[heap[l]] and heap[r] < heap[l])):
+                b = r
+            if mind[heap[b]] > mind[heap[i]] or (mind[heap[b]] == mind[heap[i]] and heap[b] < heap[i]):
+                heap[i], heap[b] = heap[b], heap[i]
+                i = b
+            else:
+                break
+    return t
+
+
+_lazy_kcenter = _numba.njit(cache=True, nogil=True)(_lazy_kcenter_py) if _numba is not None else _lazy_kcenter_py
+
+
+
+def _lazy_badge_py(U, H, first, budget, seed, picks):
+    """D^2 sampling on gradient embeddings by rejection from stale bounds (exact k-means++ seeding).
+
+    w[p] = squared distance of p to its nearest pick as of last[p] picks: an upper bound of the
+    true one. A proposal p is drawn with probability w[p] / sum(w) from a sum-tree; if stale, it is
+    re-measured against the picks made since and accepted with probability w_true / w_stale
+    (the tree updated either way); a fresh proposal is accepted. Every trial accepts p with
+    probability w_true[p] / sum(w), so the accepted pick follows D^2 exactly, while points far
+    below the top of the distribution are rarely re-measured. Random numbers: numba's generator
+    seeded with `seed`. When every remaining weight is 0, picks are uniform among the unpicked.
+    """
+    m, C = U.shape
+    d = H.shape[1]
+    np.random.seed(seed)
+    S = 1
+    while S < m:
+        S *= 2
+    tree = np.zeros(2 * S, np.float64)
+    last = np.zeros(m, np.int64)
+    picked = np.zeros(m, np.bool_)
+    hn = np.empty(m, np.float64)
+    un = np.empty(m, np.float64)
+    for p in range(m):
+        s = 0.0
+        for k in range(d):
+            s += H[p, k] * H[p, k]
+        hn[p] = s
+        s = 0.0
+        for k in range(C):
+            s += U[p, k] * U[p, k]
+        un[p] = s
+    picks[0] = first
+    picked[first] = True
+    t = 1
+    c = first
+    for p in range(m):
+        if p == first:
+            continue
+        a = 0.0
+        b = 0.0
+        x = 0.0
+        y = 0.0
+        for k in range(C):
+            du = U[p, k] - U[c, k]
+            a += du * du
+            x += du * U[c, k]
+        for k in range(d):
+            dh = H[p, k] - H[c, k]
+            b += dh * dh
+            y += H[p, k] * dh
+        v = a * hn[p] + un[c] * b + 2.0 * x * y
+        tree[S + p] = v if v > 0.0 else 0.0
+        last[p] = 1
+    for i in range(S - 1, 0, -1):
+        tree[i] = tree[2 * i] + tree[2 * i + 1]
+    while t < budget:
+        total = tree[1]
+        if not (total > 0.0):
+            # only duplicates of picks left: uniform among the unpicked
+            r = np.random.randint(m - t)
+            p = -1
+            for q in range(m):
+                if not picked[q]:
+                    if r == 0:
+                        p = q
+                        break
+                    r -= 1
+        else:
+            x = np.random.random() * total
+            i = 1
+            while i < S:
+                if x < tree[2 * i]:
+                    i = 2 * i
+                else:
+                    x -= tree[2 * i]
+                    i = 2 * i + 1
+            p = i - S
+            if p >= m or picked[p] or tree[S + p] <= 0.0:
+                continue  # a float edge of the descent: draw again
+            if last[p] < t:
+                old = tree[S + p]
+                best = old
+                for j in range(last[p], t):
+                    c = picks[j]
+                    a = 0.0
+                    b = 0.0
+                    xx = 0.0
+                    y = 0.0
+                    for k in range(C):
+                        du = U[p, k] - U[c, k]
+                        a += du * du
+                        xx += du * U[c, k]
+                    for k in range(d):
+                        dh = H[p, k] - H[c, k]
+                        b += dh * dh
+                        y += H[p, k] * dh
+                    v = a * hn[p] + un[c] * b + 2.0 * xx * y
+                    if v < 0.0:
+                        v = 0.0
+                    if v < best:
+                        best = v
+                last[p] = t
+                i = S + p
+                tree[i] = best
+                i //= 2
+                while i >= 1:
+                    tree[i] = tree[2 * i] + tree[2 * i + 1]
+                    i //= 2
+                if np.random.random() * old >= best:
+                    continue  # rejected (its bound is now exact)
+        picks[t] = p
+        t += 1
+        picked[p] = True
+        i = S + p
+        tree[i] = 0.0
+        i //= 2
+        while i >= 1:
+            tree[i] = tree[2 * i] + tree[2 * i + 1]
+            i //= 2
+    return t
+
+
+_lazy_badge = _numba.njit(cache=True, nogil=True)(_lazy_badge_py) if _numba is not None else _lazy_badge_py
+
 # ----------------------------------------------------------------------------- CoreSet
 
 def coreset_select(embeddings, budget, *, exclude=None, metric="l2", device="auto", budget_bytes=None,
-                   seed=0, partitions=1, progress=None) -> np.ndarray:
+                   seed=0, partitions=1, kernel="auto", progress=None) -> np.ndarray:
     """CoreSet (k-center greedy, Sener & Savarese 2018): repeatedly pick the eligible point farthest
     from its nearest centre.
 
@@ -427,6 +655,10 @@ def coreset_select(embeddings, budget, *, exclude=None, metric="l2", device="aut
     partitions: m >= 1; m > 1 runs `partitioned` (split at random into m parts, budget/m each,
       each part's labeled points as its initial centres). Needed when O(N * budget * d) work is
       too slow (CPU, N * budget >~ 1e10), see the module docstring.
+    kernel: "auto" (numba on the CPU, torch on a GPU), "numba" (CPU lazy greedy: a max-heap of
+      distance bounds, each point re-measured only when its stale bound reaches the top; exact,
+      and on most pools a small fraction of the plain traversal's arithmetic) or "torch" (the
+      block-wise traversal on `device` with triangle-inequality pruning).
     progress: optional callable(n_picks_done_increment).
     Returns int64 [min(budget, eligible)] pool indices in pick order.
     Memory: O(N) running minimum, assignment and flags plus one block; never N x N or N x budget.
@@ -437,24 +669,31 @@ def coreset_select(embeddings, budget, *, exclude=None, metric="l2", device="aut
     budget = check_int("budget", budget, min=0)
     check_choice("metric", metric, METRICS)
     partitions = check_int("partitions", partitions, min=1)
+    check_choice("kernel", kernel, ("auto", "numba", "torch"))
     _check_progress(progress)
     rng = as_generator(seed)
     dev = resolve_device(device)
+    if kernel == "numba" and dev.type != "cpu":
+        raise ValueError(f"kernel: 'numba' runs on the CPU, got device {str(dev)!r}")
     excl, elig = _eligible(pool.n, exclude)
     if partitions > 1:
         def one(idx, b, *, seed, exclude):
-            return _coreset(pool, idx, exclude, b, metric, dev, budget_bytes, seed, progress)
+            return _coreset(pool, idx, exclude, b, metric, dev, budget_bytes, seed, progress, kernel)
         return partitioned(one, pool.n, budget, partitions, seed=rng, exclude=excl)
-    return _coreset(pool, elig, excl, budget, metric, dev, budget_bytes, rng, progress)
+    return _coreset(pool, elig, excl, budget, metric, dev, budget_bytes, rng, progress, kernel)
 
 
-def _coreset(pool, cand, centres_idx, budget, metric, dev, budget_b, rng, progress):
+def _coreset(pool, cand, centres_idx, budget, metric, dev, budget_b, rng, progress, kernel="auto"):
     budget = min(budget, cand.size)
     if budget == 0:
         return np.zeros(0, np.int64)
     space_bytes = cand.size * 4 * pool.shape[1]
-    space = _L2Space(pool, cand, dev, metric == "cosine", _resident(space_bytes, budget_b))
     rows = rows_per_block(4 * pool.shape[1] * 3, budget_b)
+    if kernel == "auto":
+        kernel = "numba" if dev.type == "cpu" and _numba is not None else "torch"
+    if kernel == "numba":
+        return _coreset_lazy(pool, cand, centres_idx, budget, metric, budget_b, rng, rows, progress)
+    space = _L2Space(pool, cand, dev, metric == "cosine", _resident(space_bytes, budget_b))
     log_memory_estimate("coreset_select", cand.size * 17 + (space_bytes if space.x is not None else 0)
                         + rows * 12 * pool.shape[1])
     init = space.feats_of(centres_idx) if centres_idx.size else None
@@ -463,10 +702,52 @@ def _coreset(pool, cand, centres_idx, budget, metric, dev, budget_b, rng, progre
     return cand[pos]
 
 
+def _coreset_lazy(pool, cand, centres_idx, budget, metric, budget_b, rng, rows, progress):
+    """CPU: distances to the initial centres block-wise with torch GEMMs, then the numba lazy greedy
+    over the rows in place (a float32 C-contiguous array or memmap is used as is, never copied;
+    other dtypes and cosine are converted once to a float32 array of the pool)."""
+    a = pool.array
+    if (metric == "l2" and isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous):
+        X, rows_of = a, cand
+    else:
+        log_memory_estimate("coreset_select: float32 copy of the candidates", cand.size * 4 * pool.shape[1])
+        X = np.empty((cand.size, pool.shape[1]), np.float32)
+        for s, e in _split(cand.size, rows):
+            X[s:e] = _gather(pool, cand[s:e], torch.device("cpu")).numpy()
+        if metric == "cosine":
+            X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        rows_of = np.arange(cand.size, dtype=np.int64)
+    mind = np.full(cand.size, np.inf, np.float32)
+    first = -1
+    if centres_idx.size:
+        cs = _gather(pool, np.sort(centres_idx), torch.device("cpu"))
+        if metric == "cosine":
+            cs = cs / cs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        step = max(1, min(cs.shape[0], rows // 4))
+        for s, e in _split(cand.size, rows):
+            f = torch.from_numpy(np.ascontiguousarray(X[rows_of[s:e]]))
+            best = torch.full((e - s,), float("inf"))
+            arg = torch.zeros(e - s, dtype=torch.int64)
+            for lo in range(0, cs.shape[0], step):
+                dm, da = _L2Space.cross_min(f, cs[lo:lo + step])
+                better = dm < best
+                best = torch.where(better, dm, best)
+                arg = torch.where(better, da + lo, arg)
+            mind[s:e] = (f - cs[arg]).norm(dim=1).numpy()
+    else:
+        first = int(rng.integers(cand.size))
+    picks = np.empty(budget, np.int64)
+    got = _lazy_kcenter(X, rows_of, mind, budget, first, picks)
+    assert got == budget
+    if progress is not None:
+        progress(budget)
+    return cand[picks]
+
+
 # ----------------------------------------------------------------------------- BADGE
 
 def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True, device="auto", seed=0,
-                 budget_bytes=None, partitions=1, progress=None) -> np.ndarray:
+                 budget_bytes=None, partitions=1, kernel="auto", progress=None) -> np.ndarray:
     """BADGE (Ash et al. 2020): k-means++ seeding on gradient embeddings g_i = (p_i - e_i) (x) h_i.
 
     embeddings: float [N, d] penultimate-layer features h. outputs: [N, C] logits (from_logits=True)
@@ -477,6 +758,11 @@ def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True,
     First pick: the point with the largest ||g|| (BADGE's choice); then each pick is drawn with
       probability proportional to its squared distance to the nearest pick (D^2 sampling, seeded:
       u = rng.random() inverted through the cumulative weights in pool order).
+    kernel: "auto" (numba on the CPU, torch on a GPU); "torch": the block-wise traversal, D^2 draw
+      u = rng.random() inverted through the cumulative weights in pool order (reproducible against
+      a reference given the same generator); "numba": exact D^2 sampling by rejection from stale
+      distance bounds kept in a sum-tree (same distribution, different random stream), which
+      re-measures only the points it draws: holds u [N, C] and h [N, d] as float32 in memory.
     partitions: m > 1 runs `partitioned` (budget/m in each of m random parts); each pick costs O(N)
       (the D^2 draw) plus the distance updates, so at N = 1M and budget 1e4-1e5 on a CPU use it.
     Returns int64 [min(budget, eligible)] pool indices in pick order.
@@ -490,23 +776,30 @@ def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True,
     budget = check_int("budget", budget, min=0)
     from_logits = _check_bool("from_logits", from_logits)
     partitions = check_int("partitions", partitions, min=1)
+    check_choice("kernel", kernel, ("auto", "numba", "torch"))
     _check_progress(progress)
     rng = as_generator(seed)
     dev = resolve_device(device)
+    if kernel == "numba" and dev.type != "cpu":
+        raise ValueError(f"kernel: 'numba' runs on the CPU, got device {str(dev)!r}")
     excl, elig = _eligible(emb.n, exclude)
     if partitions > 1:
         def one(idx, b, *, seed, exclude):
-            return _badge(emb, out, idx, b, from_logits, dev, budget_bytes, seed, progress)
+            return _badge(emb, out, idx, b, from_logits, dev, budget_bytes, seed, progress, kernel)
         return partitioned(one, emb.n, budget, partitions, seed=rng, exclude=excl)
-    return _badge(emb, out, elig, budget, from_logits, dev, budget_bytes, rng, progress)
+    return _badge(emb, out, elig, budget, from_logits, dev, budget_bytes, rng, progress, kernel)
 
 
-def _badge(emb, out, cand, budget, from_logits, dev, budget_b, rng, progress):
+def _badge(emb, out, cand, budget, from_logits, dev, budget_b, rng, progress, kernel="auto"):
     budget = min(budget, cand.size)
     if budget == 0:
         return np.zeros(0, np.int64)
     fbytes = 4 * (emb.shape[1] + out.shape[1])
-    space = _BadgeSpace(emb, out, cand, dev, from_logits, _resident(cand.size * fbytes, budget_b))
+    if kernel == "auto":
+        kernel = "numba" if dev.type == "cpu" and _numba is not None else "torch"
+    # the numba kernel works on the factors (u, h) of the candidates held in memory as float32
+    resident = kernel == "numba" or _resident(cand.size * fbytes, budget_b)
+    space = _BadgeSpace(emb, out, cand, dev, from_logits, resident)
     rows = rows_per_block(fbytes * 4, budget_b)
     log_memory_estimate("badge_select", cand.size * 25 + (cand.size * fbytes if space.x is not None else 0)
                         + rows * fbytes * 4)
@@ -517,6 +810,15 @@ def _badge(emb, out, cand, budget, from_logits, dev, budget_b, rng, progress):
         i = int(torch.argmax(nrm))
         if float(nrm[i]) > best:
             best, first = float(nrm[i]), s + i
+    if kernel == "numba":
+        picks = np.empty(budget, np.int64)
+        U, H = (t.numpy() for t in space.x)
+        got = _lazy_badge(np.ascontiguousarray(U), np.ascontiguousarray(H), first, budget,
+                          int(rng.integers(2**31 - 1)), picks)
+        assert got == budget
+        if progress is not None:
+            progress(budget)
+        return cand[picks]
     pos = _traverse(space, cand.size, budget, mode="d2", rng=rng, device=dev, rows=rows, first=first,
                     progress=progress)
     return cand[pos]
