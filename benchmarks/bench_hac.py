@@ -1,0 +1,271 @@
+"""Benchmark of graph average-linkage HAC (cm_engine.hac).
+
+Modes:
+  --ari          agreement (adjusted Rand index) of graph HAC on a k-NN graph with exact average
+                 linkage (fastcluster == scipy) at the paper's setting (mean cluster size ~10), on
+                 the CIFAR-10 features (20K subset) and the text embeddings, for k and `missing`;
+                 writes benchmarks/results/hac_ari.json.
+  --scale N      HAC time and peak RSS on the k-NN graph of the synthetic pool of N points
+                 (graph built once with faiss IVF-Flat, cached under bench-data/);
+                 writes benchmarks/results/hac_scale_<N>_k<k>.json.
+  --quick        small sizes (a smoke run of both modes).
+
+Checks the answer first (complete-graph exactness against scipy on a small sample), then
+warms up, then times. Timings are on a shared machine (other engineers' jobs run beside them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_DATA = ROOT / "bench-data"
+DATA = Path(os.environ.get("CM_ENGINE_DATA", ROOT.parent / "shared" / "data"))
+
+from cm_engine.hac import cut, epsilon_for_mean_size, hac_merges  # noqa: E402
+
+
+def machine():
+    import psutil
+
+    return {"cpu_count": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def write(name, obj):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------------ graphs
+
+
+def exact_knn(X, k, metric):
+    """Brute-force k-NN (float64 torch, blocked): indices int64 [N, k], distances float32 [N, k]."""
+    X = torch.from_numpy(np.asarray(X, dtype=np.float64))
+    if metric == "cosine":
+        X = X / X.norm(dim=1, keepdim=True)
+    n = X.shape[0]
+    I = np.empty((n, k), np.int64)
+    D = np.empty((n, k), np.float32)
+    sq = (X * X).sum(1)
+    for s in range(0, n, 2048):
+        e = min(n, s + 2048)
+        if metric == "cosine":
+            d = 1.0 - X[s:e] @ X.T
+        else:
+            d = (sq[s:e, None] + sq[None, :] - 2 * X[s:e] @ X.T).clamp_min(0).sqrt()
+        d[torch.arange(e - s), torch.arange(s, e)] = float("inf")
+        v, i = torch.topk(d, k, dim=1, largest=False)
+        I[s:e] = i.numpy()
+        D[s:e] = v.numpy()
+    return I, D
+
+
+def faiss_graph(n, k, *, d=128):
+    """Cosine k-NN graph of the synthetic pool (n, d) with faiss IVF-Flat, cached as .npy."""
+    from cm_engine.synthetic import PoolSpec, cached_pool
+
+    BENCH_DATA.mkdir(exist_ok=True)
+    spec = PoolSpec(n=n, d=d)
+    gi = BENCH_DATA / f"{spec.name()}_knn{k}_cos_ivf_I.npy"
+    gd = BENCH_DATA / f"{spec.name()}_knn{k}_cos_ivf_D.npy"
+    if gi.exists() and gd.exists():
+        return np.load(gi, mmap_mode="r"), np.load(gd, mmap_mode="r"), {"cached": True}
+    import faiss
+
+    pool = np.load(cached_pool(BENCH_DATA, spec), mmap_mode="r")
+    t0 = time.time()
+    nlist = int(4 * np.sqrt(n))
+    q = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(q, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    train = np.array(pool[np.sort(rng.choice(n, min(n, 50 * nlist), replace=False))], dtype=np.float32)
+    faiss.normalize_L2(train)
+    index.train(train)
+    blk = 200_000
+    for s in range(0, n, blk):
+        x = np.array(pool[s:s + blk], dtype=np.float32)
+        faiss.normalize_L2(x)
+        index.add(x)
+    index.nprobe = 8
+    I = np.lib.format.open_memmap(str(gi) + ".tmp.npy", mode="w+", dtype=np.int32, shape=(n, k))
+    D = np.lib.format.open_memmap(str(gd) + ".tmp.npy", mode="w+", dtype=np.float32, shape=(n, k))
+    for s in range(0, n, blk):
+        x = np.array(pool[s:s + blk], dtype=np.float32)
+        faiss.normalize_L2(x)
+        sim, ii = index.search(x, k + 1)
+        dist = 1.0 - sim
+        rows = np.arange(s, s + x.shape[0])[:, None]
+        # Drop the point itself (or the extra column when it is absent, e.g. an exact duplicate).
+        is_self = ii == rows
+        drop = np.where(is_self.any(1), is_self.argmax(1), k)
+        keep = np.ones_like(ii, dtype=bool)
+        keep[np.arange(len(ii)), drop] = False
+        I[s:s + len(ii)] = ii[keep].reshape(-1, k)
+        D[s:s + len(ii)] = np.maximum(dist[keep].reshape(-1, k), 0)
+        print(f"  graph rows {s + len(ii)}/{n}  {time.time() - t0:.0f}s", flush=True)
+    I.flush(), D.flush()
+    del I, D
+    os.replace(str(gi) + ".tmp.npy", gi)
+    os.replace(str(gd) + ".tmp.npy", gd)
+    return np.load(gi, mmap_mode="r"), np.load(gd, mmap_mode="r"), {"cached": False, "build_s": time.time() - t0,
+                                                                     "nlist": nlist, "nprobe": 8}
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check_exact():
+    """Complete graph on 300 random points: heights equal scipy's sorted heights."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    X = np.random.default_rng(1).normal(size=(300, 8))
+    I, D = exact_knn(X, 299, "l2")
+    m = hac_merges((I, D.astype(np.float64)), device="cpu")
+    Z = linkage(pdist(X), "average")
+    err = float(np.abs(np.sort(Z[:, 2]) - m.dist).max())
+    # float32 distances in D: heights agree to float32 precision.
+    assert err < 1e-5, err
+    return err
+
+
+# ------------------------------------------------------------------------------------ modes
+
+
+def ari_mode(args):
+    import fastcluster
+    from scipy.cluster.hierarchy import fcluster
+    from scipy.spatial.distance import pdist
+    from sklearn.metrics import adjusted_rand_score
+
+    sets = []
+    cif = DATA / "cifar10" / "cifar10_effnetlite0_128px_f16.npz"
+    if cif.exists():
+        X = np.load(cif)["X_train"]
+        rng = np.random.default_rng(0)
+        n = 2000 if args.quick else 20000
+        sets.append(("cifar10_effnetlite0_20k" if not args.quick else "cifar10_2k",
+                     X[np.sort(rng.choice(len(X), n, replace=False))].astype(np.float64)))
+    for name in ["banking77_minilm_l6_f16", "clinc150_minilm_l6_f16"]:
+        p = DATA / "text" / f"{name}.npz"
+        if p.exists():
+            X = np.load(p)["X_train"].astype(np.float64)
+            sets.append((name, X[:2000] if args.quick else X))
+    ks = [16] if args.quick else [16, 32]
+    out = {"machine": machine(), "metric": "cosine", "target_mean_size": 10, "results": [],
+           "notes": "exact = fastcluster average linkage on the full condensed cosine distance matrix "
+                    "(identical to scipy's); graphs are exact brute-force k-NN; 'ari_same_eps' cuts the graph "
+                    "HAC at the exact clustering's epsilon, 'ari_own_eps' at the epsilon that gives the graph "
+                    "HAC itself mean size 10 (what cluster(target_mean_size=10) does). Shared machine."}
+    for name, X in sets:
+        t0 = time.time()
+        Z = fastcluster.linkage(pdist(X, "cosine"), "average")
+        t_exact = time.time() - t0
+        n = len(X)
+        hs = np.sort(Z[:, 2])
+        p = int(round(n - n / 10))
+        eps_exact = float(hs[p - 1])
+        ref = fcluster(Z, eps_exact, "distance")
+        print(f"{name}: n={n}, exact in {t_exact:.1f}s, eps={eps_exact:.4f}, clusters={ref.max()}", flush=True)
+        for k in ks:
+            I, D = exact_knn(X, k, "cosine")
+            rng = np.random.default_rng(1)
+            i, j = rng.integers(0, n, (2, 100_000))
+            i, j = i[i != j], j[i != j]
+            Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
+            pair_mean = float(np.mean(1.0 - np.sum(Xn[i] * Xn[j], axis=1)))
+            configs = [("constant(max r)", "constant", None), ("constant(pair mean)", "constant", pair_mean),
+                       ("bound", "bound", None), ("edges", "edges", None)]
+            for label, missing, mv in configs:
+                rounds = []
+                t0 = time.time()
+                m = hac_merges((I, D), missing=missing, missing_value=mv, device="cpu",
+                               progress=lambda d_, t_: rounds.append(d_))
+                t = time.time() - t0
+                lab_same = cut(m, eps_exact)
+                eps_own = epsilon_for_mean_size(m, 10)
+                lab_own = cut(m, eps_own)
+                row = {"dataset": name, "n": n, "k": k, "missing": label, "missing_value": mv,
+                       "hac_s": round(t, 3), "rounds": len(rounds),
+                       "exact_s": round(t_exact, 2), "eps_exact": eps_exact, "eps_own": eps_own,
+                       "clusters_exact": int(ref.max()), "clusters_same_eps": int(lab_same.max() + 1),
+                       "clusters_own_eps": int(lab_own.max() + 1), "merges": len(m),
+                       "ari_same_eps": round(float(adjusted_rand_score(ref, lab_same)), 4),
+                       "ari_own_eps": round(float(adjusted_rand_score(ref, lab_own)), 4)}
+                print("  ", row, flush=True)
+                out["results"].append(row)
+    write("hac_ari_quick.json" if args.quick else "hac_ari.json", out)
+
+
+def scale_mode(args):
+    n, k = args.scale, args.k
+    t0 = time.time()
+    I, D, ginfo = faiss_graph(n, k)
+    t_graph = time.time() - t0
+    rounds = []
+    prog = lambda done, total: rounds.append((time.time(), done))
+    max_eps = args.max_epsilon
+    if not args.no_warmup:
+        hac_merges((I[:20000], D[:20000]), device="cpu", max_epsilon=max_eps)  # warm-up (small)
+    rounds.clear()
+    t0 = time.time()
+    m = hac_merges((I, D), device="cpu", max_epsilon=max_eps, progress=prog)
+    t_hac = time.time() - t0
+    eps10 = epsilon_for_mean_size(m, 10)
+    t1 = time.time()
+    lab = cut(m, eps10)
+    t_cut = time.time() - t1
+    res = {"machine": machine(), "n": n, "k": k, "metric": "cosine", "graph": "faiss IVF-Flat (see graph_info)",
+           "graph_info": ginfo, "graph_s": round(t_graph, 2), "hac_s": round(t_hac, 2), "rounds": len(rounds),
+           "merges": len(m), "max_epsilon": max_eps, "eps_mean10": eps10, "clusters_mean10": int(lab.max() + 1),
+           "cut_s": round(t_cut, 3), "peak_rss_gb": round(peak_rss_gb(), 2),
+           "round_times": [round(t - t0, 2) for t, _ in rounds[:: max(1, len(rounds) // 50)]],
+           "notes": "HAC time excludes the graph; one run after a small warm-up; shared 2-core machine "
+                    "(other engineers' jobs may run beside it); peak RSS is the whole process (graph arrays included)."}
+    print(json.dumps({k_: v for k_, v in res.items() if k_ != "round_times"}, indent=1))
+    write(f"hac_scale_{n}_k{k}{'_quick' if args.quick else ''}.json", res)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ari", action="store_true")
+    ap.add_argument("--scale", type=int, default=0)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--max-epsilon", type=float, default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true")
+    args = ap.parse_args()
+    print("complete-graph check vs scipy: max height error", check_exact())
+    if args.quick and not args.ari and not args.scale:
+        args.ari = True
+        args.scale = 100_000
+    if args.ari:
+        ari_mode(args)
+    if args.scale:
+        scale_mode(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Private kernels of graph HAC (see hac.py for the algorithm and its guarantee).
+
+Everything here assumes validated input and works on torch tensors of one device:
+whole-array passes (gather, scatter_reduce, unique, index_add) inside a Python loop over
+merge ROUNDS only, never over clusters or edges. The same code runs on the CPU and on CUDA.
+
+State of the round loop
+-----------------------
+Clusters live in "slots" 0..n-1: a merged cluster keeps the smaller slot of its two parts,
+the other slot dies. Per slot: size, R (sum over members of r, the k-th neighbour distance),
+the scipy node id it currently stands for, and its merge height.
+Edges are undirected cluster pairs (u < v), unique, with float64 S (sum of the point-pair
+distances between the two clusters that are graph edges), c (their number) and M (sum over those
+same pairs of the imputed value (r_a + r_b) / 2), plus their cached linkage L. An edge's L only
+changes when one of its endpoints merges, so each round recomputes L for the re-coalesced edges
+only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger("cm_engine")
+
+F64 = torch.float64
+
+
+def edge_block(budget: int, bytes_per_edge: int = 64) -> int:
+    """Edges per scan block so that a block's temporaries stay within `budget` bytes."""
+    return max(1 << 12, int(budget) // bytes_per_edge)
+
+
+def symmetrize(src: torch.Tensor, dst: torch.Tensor, dist: torch.Tensor, n: int):
+    """Directed edges -> unique undirected pairs (u < v) with the mean of their distances.
+
+    src, dst int64 [e] (no self-loops, all valid), dist float [e] -> (u, v int64, d float64).
+    A pair found in both directions (or twice in one row) is one edge; its distance is the
+    mean of the copies (they only differ by rounding, or by approximation in the search).
+    """
+    u = torch.minimum(src, dst)
+    v = torch.maximum(src, dst)
+    key = u * n + v
+    del u, v
+    uniq, inv = torch.unique(key, sorted=True, return_inverse=True)
+    del key
+    m = uniq.numel()
+    d = torch.zeros(m, dtype=F64, device=dist.device).index_add_(0, inv, dist.to(F64))
+    cnt = torch.zeros(m, dtype=F64, device=dist.device).index_add_(0, inv, torch.ones_like(d[:1]).expand(inv.numel()))
+    del inv
+    d /= cnt
+    return uniq // n, uniq % n, d
+
+
+def linkage(S, c, M, su, sv, Ru, Rv, alpha: float, const: float):
+    """Average linkage of cluster pairs from their sums (float64 tensors, same shape).
+
+    Average over all |A||B| point pairs, a missing pair (a, b) counted as
+    alpha * (r_a + r_b) / 2 + const; exactly S / c when every pair is an edge (no cancellation
+    then). M is None when alpha == 0. (The "edges" rule, S / c, does not come here.)
+    """
+    prod = su * sv
+    num = S + const * (prod - c)
+    if alpha:
+        num = num + alpha * (0.5 * (sv * Ru + su * Rv) - M)
+    return torch.where(c == prod, S / c, num / prod)
+
+
+def _scan(E, block, fn):
+    """Concatenate fn(start, stop) over [0, E) in blocks (bounded temporaries)."""
+    parts = [fn(s, min(E, s + block)) for s in range(0, E, block)]
+    return torch.cat(parts) if len(parts) != 1 else parts[0]
+
+
+def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=None):
+    """Reciprocal-nearest-neighbour rounds until no mutual pair at linkage <= max_epsilon is left.
+
+    u, v int64 [E] (u < v, unique), d float64 [E], r float64 [n] (k-th neighbour distance).
+    impute: None for the "edges" rule (mean over edges), else (alpha, const) of `linkage`.
+    Returns (a, b, height, size, rounds): merges in creation order, node ids in scipy's
+    convention (leaf i is i, the j-th merge makes node n + j), heights made monotone along the
+    tree (max with the children's heights, a no-op for a reducible linkage).
+
+    Only the active part is touched each round: a cluster's nearest neighbour is recomputed
+    only when it is "dirty" (it merged, or one of its edges was re-coalesced), from the edges
+    of dirty clusters. Edges of merged clusters are marked dead in place (both ends set to the
+    sentinel slot n) and their coalesced replacements appended to spare capacity; the arrays
+    are compacted when the spare runs out. Each round costs two boolean passes over the edge
+    array plus work proportional to the dirty edges.
+    """
+    dev = d.device
+    bound = impute is not None and impute[0] != 0
+    I64 = torch.int64
+    size = torch.ones(n + 1, dtype=F64, device=dev)
+    R = torch.cat([r.to(F64), torch.zeros(1, dtype=F64, device=dev)])
+    node = torch.arange(n + 1, dtype=I64, device=dev)
+    height = torch.zeros(n + 1, dtype=F64, device=dev)
+    rep = torch.arange(n + 1, dtype=I64, device=dev)
+    flag = torch.zeros(n + 1, dtype=torch.bool, device=dev)  # scratch mask over slots (slot n never set)
+    best = torch.full((n + 1,), math.inf, dtype=F64, device=dev)
+    nn = torch.full((n + 1,), n, dtype=I64, device=dev)
+
+    def alloc(E):
+        cap = E + max(E // 2, 1024)
+        arrs = {"u": torch.full((cap,), n, dtype=I64, device=dev), "v": torch.full((cap,), n, dtype=I64, device=dev),
+                "S": torch.zeros(cap, dtype=F64, device=dev), "c": torch.ones(cap, dtype=F64, device=dev),
+                "L": torch.full((cap,), math.inf, dtype=F64, device=dev)}
+        if bound:
+            arrs["M"] = torch.zeros(cap, dtype=F64, device=dev)
+        return arrs
+
+    A = alloc(u.numel())
+    E = u.numel()
+    A["u"][:E] = u
+    A["v"][:E] = v
+    A["S"][:E] = d
+    if bound:
+        A["M"][:E] = 0.5 * (r.index_select(0, u) + r.index_select(0, v))
+    A["L"][:E] = d if impute is None else linkage(d, A["c"][:E], A["M"][:E] if bound else None,
+                                                   1.0, 1.0, r.index_select(0, u), r.index_select(0, v), *impute)
+    del u, v, d
+    live = E  # edges not dead
+
+    def edges_of(mask):
+        """Indices of the edges (in [0, E)) with an endpoint where mask is set."""
+        return _scan(E, block, lambda s, e: torch.nonzero(
+            mask.index_select(0, A["u"][s:e]) | mask.index_select(0, A["v"][s:e])).squeeze(1) + s)
+
+    dirty = torch.arange(n, dtype=I64, device=dev)  # slots whose nearest neighbour is recomputed
+    out_a, out_b, out_h, out_s = [], [], [], []
+    done = 0
+    rounds = 0
+    while True:
+        # 1) nearest neighbours of dirty clusters (ties: smallest slot), from their edges only.
+        if dirty.numel() == n:
+            de = None
+            eu, ev, eL = A["u"][:E], A["v"][:E], A["L"][:E]
+        else:
+            flag[dirty] = True
+            de = edges_of(flag)
+            eu, ev, eL = A["u"].index_select(0, de), A["v"].index_select(0, de), A["L"].index_select(0, de)
+        best[dirty] = math.inf
+        nn[dirty] = n
+        if de is None:
+            best.scatter_reduce_(0, eu, eL, "amin")
+            best.scatter_reduce_(0, ev, eL, "amin")
+        else:
+            fu, fv = flag.index_select(0, eu), flag.index_select(0, ev)
+            best.scatter_reduce_(0, eu.masked_select(fu), eL.masked_select(fu), "amin")
+            best.scatter_reduce_(0, ev.masked_select(fv), eL.masked_select(fv), "amin")
+            flag[dirty] = False
+        best[n] = math.inf  # dead edges scatter into the sentinel
+        m = eL == best.index_select(0, eu)
+        nn.scatter_reduce_(0, eu.masked_select(m), ev.masked_select(m), "amin")
+        m = eL == best.index_select(0, ev)
+        nn.scatter_reduce_(0, ev.masked_select(m), eu.masked_select(m), "amin")
+        nn[n] = n
+        # Clean clusters kept their nearest neighbour; a dirty edge only lowers a clean end's
+        # `best` if it equals it, and then amin keeps the smaller slot, as a full recompute would.
+        del eu, ev, eL, m, de
+        # 2) reciprocal pairs at linkage <= max_epsilon (only pairs with a dirty end can be new).
+        y = nn.index_select(0, dirty)
+        ok = (y < n) & (nn.index_select(0, y.clamp(max=n)) == dirty) & (best.index_select(0, dirty) <= max_epsilon)
+        x, y = dirty.masked_select(ok), y.masked_select(ok)
+        x, y = torch.minimum(x, y), torch.maximum(x, y)
+        if x.numel() == 0:
+            break
+        key = torch.unique(x * (n + 1) + y)
+        x, y = key // (n + 1), key % (n + 1)
+        p = x.numel()
+        rounds += 1
+        h = torch.maximum(best.index_select(0, x), torch.maximum(height.index_select(0, x), height.index_select(0, y)))
+        nx, ny = node.index_select(0, x), node.index_select(0, y)
+        out_a.append(torch.minimum(nx, ny))
+        out_b.append(torch.maximum(nx, ny))
+        out_h.append(h)
+        out_s.append(size.index_select(0, x) + size.index_select(0, y))
+        node[x] = n + done + torch.arange(p, dtype=I64, device=dev)
+        height[x] = h
+        size[x] = out_s[-1]
+        R[x] = R.index_select(0, x) + R.index_select(0, y)
+        size[y] = 0.0
+        best[y] = math.inf
+        nn[y] = n
+        done += p
+        # 3) edges touching a merged cluster: killed in place, re-coalesced, appended.
+        flag[x] = True
+        flag[y] = True
+        touch = edges_of(flag)
+        flag[x] = False
+        flag[y] = False
+        rep[y] = x
+        tu = rep.index_select(0, A["u"].index_select(0, touch))
+        tv = rep.index_select(0, A["v"].index_select(0, touch))
+        rep[y] = y
+        keep = tu != tv  # the merged pair's own edge becomes a self-loop: dropped
+        tkey = torch.minimum(tu, tv).masked_select(keep) * n + torch.maximum(tu, tv).masked_select(keep)
+        tsel = touch.masked_select(keep)
+        del tu, tv, keep
+        uniq, inv = torch.unique(tkey, sorted=True, return_inverse=True)
+        del tkey
+        q = uniq.numel()
+        nS = torch.zeros(q, dtype=F64, device=dev).index_add_(0, inv, A["S"].index_select(0, tsel))
+        nc = torch.zeros(q, dtype=F64, device=dev).index_add_(0, inv, A["c"].index_select(0, tsel))
+        nM = torch.zeros(q, dtype=F64, device=dev).index_add_(0, inv, A["M"].index_select(0, tsel)) if bound else None
+        del inv, tsel
+        nu, nv = uniq // n, uniq % n
+        del uniq
+        if impute is None:
+            nL = nS / nc
+        else:
+            nL = linkage(nS, nc, nM, size.index_select(0, nu), size.index_select(0, nv),
+                         R.index_select(0, nu), R.index_select(0, nv), *impute)
+        A["u"][touch] = n
+        A["v"][touch] = n
+        A["L"][touch] = math.inf
+        live += q - touch.numel()
+        if E + q > A["u"].numel():  # out of spare capacity: compact the live edges
+            keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
+            B = alloc(keepi.numel() + q)
+            for name, t in A.items():
+                B[name][:keepi.numel()] = t.index_select(0, keepi)
+            A, E = B, keepi.numel()
+            del B, keepi
+        A["u"][E:E + q] = nu
+        A["v"][E:E + q] = nv
+        A["S"][E:E + q] = nS
+        A["c"][E:E + q] = nc
+        if bound:
+            A["M"][E:E + q] = nM
+        A["L"][E:E + q] = nL
+        E += q
+        # Next round's dirty clusters: the merged ones and every endpoint of a re-coalesced edge.
+        dirty = torch.unique(torch.cat([x, nu, nv]))
+        del nu, nv, nS, nc, nM, nL, touch
+        log.debug("hac round %d: %d merges (%d total), %d live edges", rounds, p, done, live)
+        if progress is not None:
+            progress(done, n - 1)
+    if out_a:
+        a, b, h, sz = (torch.cat(t) for t in (out_a, out_b, out_h, out_s))
+    else:
+        a = b = torch.zeros(0, dtype=I64, device=dev)
+        h = sz = torch.zeros(0, dtype=F64, device=dev)
+    return a, b, h, sz.to(I64), rounds

@@ -1,0 +1,303 @@
+"""Average-linkage agglomerative clustering (HAC) over a sparse k-NN graph, as merge rounds.
+
+Algorithm: RAC, reciprocal-nearest-neighbour agglomerative clustering (Sumengen et al.,
+"Scaling Hierarchical Agglomerative Clustering to Billion-sized Datasets", 2021). In each
+round every cluster finds its nearest neighbour among the clusters it shares a graph edge
+with (ties broken by the smaller slot index, so runs are deterministic); every reciprocal
+pair (A's nearest is B and B's nearest is A) merges in that same round; the edges of merged
+clusters are relabelled and coalesced (sort + segment sums). Each round is a handful of
+whole-array torch operations on one device (CPU or CUDA); only the loop over rounds is Python.
+
+How missing pairs count (``missing=``):
+
+* ``"bound"`` (default): the linkage of clusters A and B is the mean over ALL |A||B| point
+  pairs, where a pair that is not a graph edge counts as (r_a + r_b) / 2, r_x being x's
+  distance to its k-th neighbour. That value is a lower bound of the true distance (if b is
+  not among a's k nearest then d(a, b) >= r_a, and symmetrically), and it is separable, so
+  the linkage is kept from additive per-pair sums:
+  ``L = (S_AB + (|B| R_A + |A| R_B) / 2 - M_AB) / (|A||B|)`` with S_AB the sum of edge
+  distances, R_A the sum of r over A and M_AB the imputed value summed over the edges.
+  When every pair is an edge (c_AB = |A||B|) the linkage is exactly S_AB / c_AB.
+* ``"edges"``: the mean over the pairs that are edges only, S_AB / c_AB (not reducible).
+
+Only clusters that share at least one edge are merge candidates, so a graph with several
+components leaves several trees (fewer than n - 1 merges).
+
+Guarantee: on a complete graph (k = N - 1) ``"bound"`` is exact average linkage; average
+linkage is reducible, so RAC's merges are exactly those of sequential (scipy) average linkage
+and ``cut(merges, eps)`` equals ``fcluster(linkage(X, "average"), eps, "distance")`` up to
+relabelling (barring exact ties and float rounding of the heights). On a k-NN graph each merge
+joins a reciprocal nearest-neighbour pair of adjacent clusters under the rule above: the
+result equals sequential graph HAC wherever that linkage is reducible over the graph, and is an
+approximation of the complete-graph clustering whose agreement is measured (adjusted Rand
+index, benchmarks/results/hac_ari.json). Recorded heights are made monotone along the tree
+(each merge's height is at least its children's), which changes nothing when the linkage is
+reducible and keeps every cut consistent otherwise.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import _hac_kernels as K
+from ._device import budget_bytes as _budget, log_memory_estimate, resolve_device
+from ._validate import check_choice, check_float
+
+log = logging.getLogger("cm_engine")
+
+MISSING = ("constant", "bound", "edges")
+#: Bumped whenever the merges produced for the same input change (part of the cache key).
+ALGORITHM_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HACParams:
+    """Parameters of `hac_merges` (also the cache key of a merge list)."""
+
+    missing: str = "constant"
+    missing_value: float | None = None
+    max_epsilon: float | None = None
+    linkage: str = "average"
+    algorithm: str = "rac"
+    version: int = ALGORITHM_VERSION
+
+    def __post_init__(self):
+        check_choice("missing", self.missing, MISSING)
+        if self.missing_value is not None:
+            check_float("missing_value", self.missing_value, min=0.0)
+        if self.max_epsilon is not None:
+            check_float("max_epsilon", self.max_epsilon, min=0.0)
+        check_choice("linkage", self.linkage, ("average",))
+        check_choice("algorithm", self.algorithm, ("rac",))
+
+
+@dataclass(frozen=True)
+class Merges:
+    """A merge list in scipy's linkage convention, sorted by height.
+
+    Leaves are 0..n-1; the i-th merge joins nodes a[i] < b[i] into node n + i at linkage
+    distance dist[i], giving a cluster of size[i] points. m = len(a) <= n - 1 (a graph with
+    several components, or a run stopped at max_epsilon, leaves several trees).
+    a, b, size: int64 [m]; dist: float64 [m], non-decreasing.
+    """
+
+    n: int
+    a: np.ndarray
+    b: np.ndarray
+    dist: np.ndarray
+    size: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.a.shape[0])
+
+    def to_linkage(self) -> np.ndarray:
+        """float64 [m, 4] rows (a, b, dist, size); a full scipy linkage matrix when m == n - 1."""
+        return np.stack([self.a.astype(np.float64), self.b.astype(np.float64),
+                         self.dist.astype(np.float64), self.size.astype(np.float64)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: a k-NN graph object, an (indices, distances) pair, or a scipy.sparse distance matrix.
+
+
+def _to_numpy(x, name):
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    if isinstance(x, (np.ndarray, np.memmap)):
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from e
+
+
+def _graph_edges(graph, device, budget):
+    """Validate `graph` and return (n, src, dst, dist, r) as tensors on `device`: directed
+    edges without self-loops or missing entries, and r (float64 [n]) each row's largest distance."""
+    import scipy.sparse as sp
+
+    if sp.issparse(graph):
+        g = sp.csr_matrix(graph)
+        if g.ndim != 2 or g.shape[0] != g.shape[1]:
+            raise ValueError(f"graph: expected a square sparse distance matrix, got shape {g.shape}")
+        n = g.shape[0]
+        g.sort_indices()
+        data = np.asarray(g.data)
+        if data.size and not np.all(np.isfinite(data)):
+            raise ValueError("graph: expected finite distances, got non-finite entries")
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(g.indptr))
+        cols = g.indices.astype(np.int64)
+        if np.any(rows == cols):
+            raise ValueError(f"graph: expected no self-loops, got {int(np.sum(rows == cols))} diagonal entries")
+        r = np.zeros(n)
+        nz = np.diff(g.indptr) > 0
+        if data.size:
+            r[nz] = np.maximum.reduceat(data.astype(np.float64), g.indptr[:-1][nz])
+        t = lambda a: torch.as_tensor(a).to(device)
+        return n, t(rows), t(cols), t(data.astype(np.float64)), t(r)
+
+    if isinstance(graph, tuple) and len(graph) == 2:
+        indices, distances = graph
+    elif hasattr(graph, "indices") and hasattr(graph, "distances"):
+        indices, distances = graph.indices, graph.distances
+    else:
+        raise TypeError("graph: expected an object with .indices and .distances, an (indices, distances) "
+                        f"pair or a scipy.sparse distance matrix, got {type(graph).__name__}")
+    indices = _to_numpy(indices, "graph.indices")
+    distances = _to_numpy(distances, "graph.distances")
+    if indices.ndim != 2:
+        raise ValueError(f"graph.indices: expected a 2-D array [N, k], got shape {indices.shape}")
+    if distances.shape != indices.shape:
+        raise ValueError(f"graph.distances: expected shape {indices.shape} (the shape of graph.indices), "
+                         f"got {distances.shape}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"graph.indices: expected integer indices, got dtype {indices.dtype}")
+    if not np.issubdtype(distances.dtype, np.floating):
+        raise TypeError(f"graph.distances: expected floating distances, got dtype {distances.dtype}")
+    n, k = indices.shape
+    gn = getattr(graph, "n", None)
+    if gn is not None and not isinstance(graph, tuple) and int(gn) != n:
+        raise ValueError(f"graph.n: expected {n} (the rows of graph.indices), got {gn}")
+    rows_blk = max(1, _budget(budget) // max(1, 48 * k))
+    src, dst, dist, rr = [], [], [], []
+    for s in range(0, n, rows_blk):
+        e = min(n, s + rows_blk)
+        idx = torch.from_numpy(np.ascontiguousarray(indices[s:e], dtype=np.int64)).to(device)
+        dd = torch.from_numpy(np.ascontiguousarray(distances[s:e])).to(device=device, dtype=torch.float64)
+        if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
+            bad = int(idx.min()) if int(idx.min()) < -1 else int(idx.max())
+            raise ValueError(f"graph.indices: expected indices in [0, {n}) or -1 for missing, got {bad}")
+        valid = idx >= 0
+        row = torch.arange(s, e, device=device).unsqueeze(1).expand_as(idx)
+        if bool((valid & (idx == row)).any()):
+            i = int(row[valid & (idx == row)][0])
+            raise ValueError(f"graph.indices: expected no self-loops (a point listed as its own neighbour), "
+                             f"got one in row {i}")
+        if not bool(torch.isfinite(dd[valid]).all()):
+            raise ValueError("graph.distances: expected finite distances for valid neighbours, got non-finite values")
+        rr.append(torch.where(valid, dd, torch.zeros_like(dd)).amax(dim=1) if k else
+                  torch.zeros(e - s, dtype=torch.float64, device=device))
+        src.append(row[valid])
+        dst.append(idx[valid])
+        dist.append(dd[valid])
+    if n == 0:
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        return 0, z, z, z.to(torch.float64), z.to(torch.float64)
+    return n, torch.cat(src), torch.cat(dst), torch.cat(dist), torch.cat(rr)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def hac_merges(graph, *, max_epsilon=None, missing="constant", missing_value=None, device="auto",
+               budget_bytes=None, progress=None) -> Merges:
+    """Average-linkage HAC over `graph`, recorded as a merge list (see the module docstring).
+
+    graph: an object with `.indices` [N, k] int (-1 = missing) and `.distances` [N, k] float
+    (a KNNGraph), an (indices, distances) pair, or a scipy.sparse [N, N] matrix whose explicit
+    entries are the edges' distances. Directions are merged: an edge listed by either endpoint
+    is an edge. max_epsilon: stop once no pair at linkage <= max_epsilon remains (None: merge
+    until no edge is left). progress: optional callable(merges_done, n - 1) after each round.
+    """
+    params = HACParams(missing=missing, missing_value=None if missing_value is None else float(missing_value),
+                       max_epsilon=None if max_epsilon is None else float(max_epsilon))
+    dev = resolve_device(device)
+    budget = _budget(budget_bytes)
+    n, src, dst, dist, r = _graph_edges(graph, dev, budget)
+    if n == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return Merges(0, z, z.copy(), np.zeros(0), z.copy())
+    log_memory_estimate("hac", int(src.numel()) * 120)
+    u, v, d = K.symmetrize(src, dst, dist, n)
+    del src, dst, dist
+    if params.missing == "edges":
+        impute = None
+    elif params.missing == "bound":
+        impute = (1.0, 0.0)
+    else:
+        c = params.missing_value if params.missing_value is not None else float(r.max())
+        impute = (0.0, c)
+    maxe = float("inf") if params.max_epsilon is None else params.max_epsilon
+    a, b, h, sz, rounds = K.rac(u, v, d, r, n, impute=impute, max_epsilon=maxe,
+                                block=K.edge_block(budget), progress=progress)
+    log.info("hac: %d merges in %d rounds over %d points", a.numel(), rounds, n)
+    return _sorted_merges(n, a.cpu().numpy(), b.cpu().numpy(), h.cpu().numpy(), sz.cpu().numpy())
+
+
+def _sorted_merges(n, a, b, h, sz) -> Merges:
+    """Sort merges by height (stable: a child made in an earlier round keeps preceding its
+    parent at equal height) and renumber the internal nodes accordingly."""
+    order = np.argsort(h, kind="stable")
+    m = order.size
+    inv = np.empty(m, dtype=np.int64)
+    inv[order] = np.arange(m)
+
+    def renum(x):
+        x = x[order]
+        return np.where(x >= n, n + inv[np.maximum(x - n, 0)], x)
+
+    a2, b2 = renum(a), renum(b)
+    return Merges(int(n), np.minimum(a2, b2), np.maximum(a2, b2), h[order].astype(np.float64),
+                  sz[order].astype(np.int64))
+
+
+def _check_merges(merges):
+    if not isinstance(merges, Merges):
+        raise TypeError(f"merges: expected a Merges, got {type(merges).__name__}")
+
+
+def cut(merges: Merges, epsilon) -> np.ndarray:
+    """Flat clusters: apply every merge at height <= epsilon. int64 labels [n], numbered from 0
+    in the order of each cluster's smallest member."""
+    _check_merges(merges)
+    eps = check_float("epsilon", epsilon, min=0.0)
+    n = merges.n
+    p = int(np.searchsorted(merges.dist, eps, side="right"))
+    parent = np.arange(n + p, dtype=np.int64)
+    parent[merges.a[:p]] = n + np.arange(p)
+    parent[merges.b[:p]] = n + np.arange(p)
+    # Pointer jumping: O(log depth) whole-array passes.
+    while True:
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            break
+        parent = nxt
+    root = parent[:n]
+    _, first, inv = np.unique(root, return_index=True, return_inverse=True)
+    rank = np.empty(first.size, dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
+    return rank[inv.reshape(-1)]
+
+
+def epsilon_for_mean_size(merges: Merges, target_mean_size) -> float:
+    """The epsilon whose cut has the mean cluster size (n / clusters) closest to the target.
+
+    After p merges there are n - p clusters; only p at a change of height (or p = m) is
+    reachable by a cut. Returns that merge's height (0.0 when no merge is the closest)."""
+    _check_merges(merges)
+    t = check_float("target_mean_size", target_mean_size, min=1.0)
+    n, m = merges.n, len(merges)
+    if m == 0:
+        return 0.0
+    p = np.arange(m + 1)
+    ok = np.ones(m + 1, dtype=bool)
+    ok[1:m] = merges.dist[1:] > merges.dist[:-1]  # cut after merge p-1 only if the next is higher
+    ok[0] = merges.dist[0] > 0
+    mean = n / (n - p)
+    err = np.where(ok, np.abs(mean - t), np.inf)
+    best = int(np.argmin(err))
+    return 0.0 if best == 0 else float(merges.dist[best - 1])
+
+
+def graph_hac(graph, *, epsilon, missing="constant", missing_value=None, device="auto", budget_bytes=None,
+              progress=None) -> np.ndarray:
+    """Average-linkage HAC over `graph`, merging while the linkage is <= epsilon.
+
+    Returns int64 labels [N], contiguous from 0 (numbered by smallest member)."""
+    eps = check_float("epsilon", epsilon, min=0.0)
+    merges = hac_merges(graph, max_epsilon=eps, missing=missing, missing_value=missing_value, device=device,
+                        budget_bytes=budget_bytes, progress=progress)
+    return cut(merges, eps)
