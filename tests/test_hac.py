@@ -1,0 +1,397 @@
+"""Graph average-linkage HAC (cm_engine.hac) against scipy and a slow, obvious reference."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import cdist, pdist, squareform
+
+from cm_engine.hac import HACParams, Merges, cut, epsilon_for_mean_size, graph_hac, hac_merges
+
+MISSING = ["constant", "bound", "edges"]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def knn(X, k, metric):
+    """Brute-force k-NN in float64: indices int64 [N, k], distances [N, k] ascending, self excluded."""
+    D = squareform(pdist(X, metric))
+    np.fill_diagonal(D, np.inf)
+    idx = np.argsort(D, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(D, idx, 1)
+
+
+def clustered(n, d, rng, centers=8):
+    c = rng.normal(size=(centers, d)) * 4
+    return c[rng.integers(0, centers, n)] + rng.normal(size=(n, d))
+
+
+def same_partition(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    pairs = np.unique(np.stack([a, b], 1), axis=0)
+    return len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+def ref_rac(idx, dist, missing="constant", missing_value=None):
+    """Slow reference: the same rounds (all reciprocal nearest-neighbour pairs of adjacent
+    clusters merge, ties to the smaller slot), with dense pair sums and Python loops.
+    Returns sorted heights and a function eps -> labels."""
+    n, k = idx.shape
+    S = np.zeros((n, n))
+    C = np.zeros((n, n))
+    M = np.zeros((n, n))
+    r = np.array([max([dist[i, j] for j in range(k) if idx[i, j] >= 0], default=0.0) for i in range(n)])
+    seen = {}
+    for i in range(n):
+        for j in range(k):
+            t = idx[i, j]
+            if t >= 0:
+                seen.setdefault((min(i, t), max(i, t)), []).append(dist[i, j])
+    for (a, b), ds in seen.items():
+        S[a, b] = S[b, a] = np.mean(ds)
+        C[a, b] = C[b, a] = 1
+        M[a, b] = M[b, a] = (r[a] + r[b]) / 2
+    cval = missing_value if missing_value is not None else r.max()
+    size = {i: 1 for i in range(n)}
+    Rsum = {i: r[i] for i in range(n)}
+    members = {i: [i] for i in range(n)}
+    height = {i: 0.0 for i in range(n)}
+    merges = []  # (height, members-after)
+
+    def L(a, b):
+        prod = size[a] * size[b]
+        if C[a, b] == prod or missing == "edges":
+            return S[a, b] / C[a, b]
+        if missing == "bound":
+            return (S[a, b] + (size[b] * Rsum[a] + size[a] * Rsum[b]) / 2 - M[a, b]) / prod
+        return (S[a, b] + cval * (prod - C[a, b])) / prod
+
+    while True:
+        alive = sorted(size)
+        nn = {}
+        for a in alive:
+            best = (np.inf, None)
+            for b in alive:
+                if b != a and C[a, b] > 0:
+                    cand = (L(a, b), b)
+                    if cand < best:
+                        best = cand
+            nn[a] = best
+        pairs = [(a, nn[a][1], nn[a][0]) for a in alive
+                 if nn[a][1] is not None and a < nn[a][1] and nn[nn[a][1]][1] == a]
+        if not pairs:
+            break
+        for a, b, h in pairs:
+            h = max(h, height[a], height[b])
+            for arr in (S, C, M):
+                arr[a, :] += arr[b, :]
+                arr[:, a] += arr[:, b]
+                arr[b, :] = 0
+                arr[:, b] = 0
+                arr[a, a] = 0
+            size[a] += size.pop(b)
+            Rsum[a] += Rsum.pop(b)
+            members[a] += members.pop(b)
+            height[a] = h
+            height.pop(b)
+            merges.append((h, list(members[a])))
+    heights = np.array(sorted(h for h, _ in merges))
+
+    def labels(eps):
+        lab = np.arange(n)
+        for h, mem in sorted(merges, key=lambda t: t[0]):
+            if h <= eps:
+                lab[mem] = min(mem)
+        return lab
+
+    return heights, labels
+
+
+def midpoints(h):
+    """Cut heights strictly between distinct consecutive merge heights (no near-ties)."""
+    h = np.unique(h)
+    gaps = np.diff(h)
+    mids = (h[:-1] + h[1:]) / 2
+    return np.concatenate([[h[0] / 2], mids[gaps > 1e-9 * np.maximum(1, h[1:])], [h[-1] * 1.01]])
+
+
+# ------------------------------------------------------------------------------ exactness
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("data", ["random", "clustered"])
+@pytest.mark.parametrize("missing", MISSING)
+def test_complete_graph_equals_scipy(metric, data, missing):
+    rng = np.random.default_rng(hash((metric, data, missing)) % 2**32)
+    n = 120
+    X = rng.normal(size=(n, 6)) if data == "random" else clustered(n, 6, rng)
+    idx, dist = knn(X, n - 1, metric)
+    m = hac_merges((idx, dist), missing=missing, device="cpu")
+    Z = linkage(X, "average", metric=metric)
+    assert len(m) == n - 1
+    np.testing.assert_allclose(m.dist, np.sort(Z[:, 2]), rtol=1e-12, atol=1e-12)
+    for eps in midpoints(Z[:, 2])[:: 3]:
+        assert same_partition(cut(m, eps), fcluster(Z, eps, "distance")), eps
+    # to_linkage is a valid scipy linkage with the same flat clusters
+    for eps in np.quantile(Z[:, 2], [0.2, 0.6, 0.9]):
+        assert same_partition(fcluster(m.to_linkage(), eps, "distance"), fcluster(Z, eps, "distance"))
+
+
+@pytest.mark.parametrize("metric,n", [("euclidean", 2000), ("cosine", 700)])
+def test_complete_graph_large(metric, n):
+    rng = np.random.default_rng(7)
+    X = clustered(n, 5, rng, centers=12)
+    idx, dist = knn(X, n - 1, metric)
+    m = hac_merges((idx, dist), device="cpu")
+    Z = linkage(X, "average", metric=metric)
+    np.testing.assert_allclose(m.dist, np.sort(Z[:, 2]), rtol=1e-10, atol=1e-12)
+    mids = midpoints(Z[:, 2])
+    for eps in mids[np.linspace(0, len(mids) - 1, 25).astype(int)]:
+        assert same_partition(cut(m, eps), fcluster(Z, eps, "distance")), eps
+
+
+def test_graph_hac_contract_complete():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(150, 4))
+    idx, dist = knn(X, 149, "euclidean")
+    Z = linkage(X, "average")
+    for eps in np.quantile(Z[:, 2], [0.05, 0.3, 0.7, 0.99]):
+        lab = graph_hac((idx, dist), epsilon=eps, device="cpu")
+        assert lab.dtype == np.int64
+        assert same_partition(lab, fcluster(Z, eps, "distance"))
+        assert set(np.unique(lab)) == set(range(lab.max() + 1))
+
+
+# ------------------------------------------------------------------------------ sparse graphs vs reference
+
+
+@pytest.mark.parametrize("missing", MISSING)
+@pytest.mark.parametrize("k", [3, 8])
+def test_knn_graph_equals_reference(missing, k):
+    rng = np.random.default_rng(k)
+    X = clustered(70, 4, rng, centers=5)
+    idx, dist = knn(X, k, "euclidean")
+    idx = idx.copy()
+    idx[rng.random(idx.shape) < 0.1] = -1  # some missing entries
+    m = hac_merges((idx, dist), missing=missing, device="cpu")
+    h, labels = ref_rac(idx, dist, missing)
+    np.testing.assert_allclose(m.dist, h, rtol=1e-12, atol=1e-12)
+    for eps in midpoints(h):
+        assert same_partition(cut(m, eps), labels(eps)), eps
+
+
+def test_missing_value_and_max_epsilon():
+    rng = np.random.default_rng(11)
+    X = clustered(80, 3, rng)
+    idx, dist = knn(X, 5, "euclidean")
+    m = hac_merges((idx, dist), missing="constant", missing_value=3.0, device="cpu")
+    h, labels = ref_rac(idx, dist, "constant", 3.0)
+    np.testing.assert_allclose(m.dist, h, rtol=1e-12)
+    eps = float(np.median(h))
+    part = hac_merges((idx, dist), missing="constant", missing_value=3.0, max_epsilon=eps, device="cpu")
+    assert np.all(part.dist <= eps) and len(part) == int(np.sum(h <= eps))
+    assert same_partition(cut(part, eps), cut(m, eps))
+    assert same_partition(graph_hac((idx, dist), epsilon=eps, missing_value=3.0, device="cpu"), labels(eps))
+
+
+def test_disconnected_graph_leaves_several_trees():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 100])
+    idx, dist = knn(X, 4, "euclidean")
+    m = hac_merges((idx, dist), device="cpu")
+    assert len(m) == 58
+    lab = cut(m, 1e9)
+    assert lab.max() == 1 and same_partition(lab, np.repeat([0, 1], 30))
+
+
+def test_input_forms_agree():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(60, 3))
+    idx, dist = knn(X, 6, "euclidean")
+
+    class G:  # a KNNGraph-like object
+        indices = idx.astype(np.int32)
+        distances = dist.astype(np.float32)
+        n = 60
+        k = 6
+        metric = "l2"
+
+    mat = sp.csr_matrix((dist.astype(np.float32).ravel(), idx.ravel(), np.arange(0, 61 * 6, 6)), shape=(60, 60))
+    ref = hac_merges((idx, dist.astype(np.float32)), device="cpu")
+    for g in (G(), mat, (torch.from_numpy(idx), torch.from_numpy(dist.astype(np.float32)))):
+        m = hac_merges(g, device="cpu")
+        np.testing.assert_array_equal(m.a, ref.a)
+        np.testing.assert_array_equal(m.b, ref.b)
+        np.testing.assert_array_equal(m.dist, ref.dist)
+
+
+def test_small_budget_equals_default():
+    rng = np.random.default_rng(9)
+    X = clustered(400, 5, rng)
+    idx, dist = knn(X, 10, "cosine")
+    for missing in MISSING:
+        a = hac_merges((idx, dist), missing=missing, device="cpu")
+        b = hac_merges((idx, dist), missing=missing, device="cpu", budget_bytes=4096)
+        for f in ("a", "b", "dist", "size"):
+            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_equals_cpu():
+    rng = np.random.default_rng(2)
+    X = clustered(3000, 8, rng)
+    idx, dist = knn(X, 16, "cosine")
+    for missing in MISSING:
+        a = hac_merges((idx, dist), missing=missing, device="cpu")
+        b = hac_merges((idx, dist), missing=missing, device="cuda")
+        np.testing.assert_allclose(a.dist, b.dist, rtol=1e-9)
+        for eps in np.quantile(a.dist, [0.3, 0.7, 0.95]):
+            assert same_partition(cut(a, eps), cut(b, eps))
+
+
+# ------------------------------------------------------------------------------ merges, cut, epsilon
+
+
+def _merges(seed=1, n=300):
+    rng = np.random.default_rng(seed)
+    X = clustered(n, 4, rng)
+    idx, dist = knn(X, 8, "euclidean")
+    return hac_merges((idx, dist), device="cpu")
+
+
+def test_merges_format():
+    m = _merges()
+    assert isinstance(m, Merges) and m.n == 300
+    assert m.a.dtype == m.b.dtype == m.size.dtype == np.int64 and m.dist.dtype == np.float64
+    assert np.all(np.diff(m.dist) >= 0)
+    i = np.arange(len(m))
+    assert np.all(m.a < m.b) and np.all(m.b < m.n + i)
+    # sizes add up along the tree
+    sz = np.concatenate([np.ones(m.n, np.int64), m.size])
+    np.testing.assert_array_equal(m.size, sz[m.a] + sz[m.b])
+    assert m.to_linkage().shape == (len(m), 4)
+
+
+def test_cut_monotone_and_numbering():
+    m = _merges()
+    prev = None
+    for eps in np.concatenate([[0.0], np.quantile(m.dist, np.linspace(0, 1, 15)), [np.inf]]):
+        lab = cut(m, min(eps, 1e300))
+        k = lab.max() + 1
+        _, first = np.unique(lab, return_index=True)
+        assert np.all(np.diff(first) > 0)  # numbered by smallest member
+        assert k == m.n - np.sum(m.dist <= min(eps, 1e300))
+        if prev is not None:  # coarser: every old cluster inside one new cluster
+            assert len(np.unique(np.stack([prev, lab], 1), axis=0)) == prev.max() + 1
+        prev = lab
+
+
+def test_epsilon_for_mean_size():
+    m = _merges(n=400)
+    for target in [1.0, 2.0, 5.0, 10.0, 40.0]:
+        eps = epsilon_for_mean_size(m, target)
+        got = m.n / (cut(m, eps).max() + 1)
+        # brute force over every distinct cut
+        cands = [m.n / (cut(m, e).max() + 1) for e in np.concatenate([[0.0], np.unique(m.dist)])]
+        assert abs(got - target) <= min(abs(c - target) for c in cands) + 1e-12
+    assert epsilon_for_mean_size(m, 1e9) == m.dist[-1]
+
+
+def test_hac_params_frozen_and_checked():
+    p = HACParams()
+    assert p.missing == "constant" and hash(p) == hash(HACParams())
+    with pytest.raises(Exception):
+        p.missing = "bound"
+    with pytest.raises(ValueError, match="missing"):
+        HACParams(missing="nope")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input():
+    rng = np.random.default_rng(0)
+    idx, dist = knn(rng.normal(size=(20, 2)), 4, "euclidean")
+    m = hac_merges((idx, dist), device="cpu")
+    with pytest.raises(ValueError, match="epsilon"):
+        cut(m, -0.1)
+    with pytest.raises(ValueError, match="epsilon"):
+        graph_hac((idx, dist), epsilon=-1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        graph_hac((idx, dist), epsilon=float("nan"))
+    bad = idx.copy()
+    bad[3, 1] = 20
+    with pytest.raises(ValueError, match=r"graph.indices.*\[0, 20\)"):
+        hac_merges((bad, dist))
+    bad[3, 1] = -2
+    with pytest.raises(ValueError, match="graph.indices"):
+        hac_merges((bad, dist))
+    bad = idx.copy()
+    bad[5, 0] = 5
+    with pytest.raises(ValueError, match="self-loop"):
+        hac_merges((bad, dist))
+    with pytest.raises(ValueError, match="graph.distances.*shape"):
+        hac_merges((idx, dist[:, :3]))
+    with pytest.raises(ValueError, match="2-D"):
+        hac_merges((idx[:, 0], dist[:, 0]))
+    d2 = dist.copy()
+    d2[2, 2] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        hac_merges((idx, d2))
+    d2[2, 2] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        hac_merges((idx, d2))
+    with pytest.raises(TypeError, match="graph.indices"):
+        hac_merges((idx.astype(np.float32), dist))
+    with pytest.raises(TypeError, match="graph"):
+        hac_merges("not a graph")
+    with pytest.raises(ValueError, match="missing"):
+        hac_merges((idx, dist), missing="zero")
+    with pytest.raises(ValueError, match="self-loops"):
+        hac_merges(sp.eye(5, format="csr"))
+    with pytest.raises(ValueError, match="target_mean_size"):
+        epsilon_for_mean_size(m, 0.5)
+    with pytest.raises(TypeError, match="merges"):
+        cut((idx, dist), 0.5)
+    # a missing (-1) entry may carry any distance
+    d3, i3 = dist.copy(), idx.copy()
+    i3[4, 3], d3[4, 3] = -1, np.inf
+    assert len(hac_merges((i3, d3), device="cpu")) > 0
+
+
+def test_tiny_graphs():
+    m = hac_merges((np.zeros((1, 0), np.int64), np.zeros((1, 0))), device="cpu")
+    assert len(m) == 0 and cut(m, 1.0).tolist() == [0]
+    m = hac_merges((np.array([[1], [0]]), np.array([[0.5], [0.5]])), device="cpu")
+    assert m.dist.tolist() == [0.5] and cut(m, 0.4).tolist() == [0, 1] and cut(m, 0.5).tolist() == [0, 0]
+    assert epsilon_for_mean_size(m, 2.0) == 0.5 and epsilon_for_mean_size(m, 1.0) == 0.0
+
+
+# ------------------------------------------------------------------------------ real data (ARI floor)
+
+
+DATA = Path(os.environ.get("CM_ENGINE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not (DATA / "text" / "banking77_minilm_l6_f16.npz").exists(), reason="needs shared data")
+def test_ari_text_floor():
+    from sklearn.metrics import adjusted_rand_score
+
+    X = np.load(DATA / "text" / "banking77_minilm_l6_f16.npz")["X_train"][:1500].astype(np.float64)
+    n = len(X)
+    Z = linkage(X, "average", metric="cosine")
+    eps = np.sort(Z[:, 2])[n - n // 10 - 1]
+    idx, dist = knn(X, 16, "cosine")
+    m = hac_merges((idx, dist), device="cpu")
+    lab = cut(m, epsilon_for_mean_size(m, 10))
+    assert adjusted_rand_score(fcluster(Z, eps, "distance"), lab) > 0.3
