@@ -30,13 +30,12 @@ import ctypes
 import logging
 import math
 import mmap
-import os
 
 import numpy as np
 import torch
 
 from ._device import budget_bytes as _budget_bytes, log_memory_estimate, resolve_device
-from ._validate import check_choice, check_ndim, check_nonempty
+from ._validate import check_choice, check_ndim
 from .pool import Pool, ShardedArray, _BF16
 
 log = logging.getLogger("cm_engine")
@@ -391,12 +390,14 @@ _LIBC = None
 
 
 def _madvise_dontneed(arr: np.ndarray) -> None:
-    """Drop this process's page-table entries for a read-only/shared file mapping's rows.
+    """Drop this process's page-table entries for the rows `arr` of a shared file mapping.
 
-    Pages of a memory-mapped file count in RSS once touched; streaming a pool bigger than RAM
-    budgets through one mapping would otherwise grow RSS by the file's size. For a MAP_SHARED
-    file mapping MADV_DONTNEED only unmaps (the page cache keeps the data; a later read
-    refaults it), so it is safe. Never called on anonymous or copy-on-write memory.
+    Pages of a memory-mapped file count in RSS once touched; streaming a pool through one
+    mapping would otherwise grow RSS by the file's size. For a MAP_SHARED file mapping
+    MADV_DONTNEED only unmaps (the page cache keeps the data; a later read refaults it), so it
+    is safe; it is never called on anonymous or copy-on-write memory. The range is widened down
+    to a 2 MiB boundary (and up to a page), clipped to the mapping: page-cache folios can be
+    mapped whole, and a zap that covers only part of one leaves it resident.
     """
     global _LIBC
     if _LIBC is None:
@@ -410,10 +411,25 @@ def _madvise_dontneed(arr: np.ndarray) -> None:
     page = mmap.PAGESIZE
     start = arr.ctypes.data
     end = start + arr.nbytes
-    lo = (start + page - 1) // page * page  # whole pages inside the rows only
-    hi = end // page * page
+    bounds = _mapping_bounds(arr)
+    if bounds is None:  # mapping unknown: whole pages inside the rows only
+        lo, hi = -(-start // page) * page, end // page * page
+    else:
+        lo = max(bounds[0], start // (2 << 20) * (2 << 20))
+        hi = min(-(-bounds[1] // page) * page, -(-end // page) * page)
     if hi > lo:
         _LIBC.madvise(lo, hi - lo, getattr(mmap, "MADV_DONTNEED", 4))
+
+
+def _mapping_bounds(arr):
+    """(first, last) address of the mmap object behind a memmap view, or None."""
+    b = arr
+    while b is not None and not isinstance(b, mmap.mmap):
+        b = getattr(b, "base", None)
+    if b is None or b.closed:
+        return None
+    root = np.frombuffer(b, dtype=np.uint8)
+    return root.ctypes.data, root.ctypes.data + root.size
 
 
 def _shared_mapping(a) -> bool:

@@ -319,3 +319,19 @@ def test_argument_errors(tmp_path):
     else:
         with pytest.raises(ValueError, match=r"kernel: 'fused' runs on the CPU only"):
             margin_scores(x, device="cuda", kernel="fused")
+
+
+def test_mapped_pages_are_released_after_each_block(tmp_path):
+    # Streaming a memory-mapped pool must not leave the whole file resident in this process.
+    psutil = pytest.importorskip("psutil")
+    x = np.random.default_rng(12).standard_normal((96_000, 200), dtype=np.float32).astype(np.float16)
+    np.save(tmp_path / "big.npy", x)  # 38 MB
+    del x
+    proc = psutil.Process()
+    for kernel in KERNELS:
+        m = np.load(tmp_path / "big.npy", mmap_mode="r")
+        margin_scores(m[:5000], kernel=kernel, budget_bytes=8 * 2**20)  # JIT/torch warm-up
+        before = proc.memory_info().rss
+        margin_scores(m, kernel=kernel, budget_bytes=8 * 2**20)
+        grown = proc.memory_info().rss - before
+        assert grown < 12 * 2**20, f"{kernel}: RSS grew by {grown / 2**20:.1f} MiB"
