@@ -133,41 +133,38 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
     rounds = 0
     while True:
         # 1) nearest neighbours of dirty clusters (ties: smallest slot), from their edges only.
-        if dirty.numel() == n:
-            de = None
+        # A clean cluster's edges are unchanged and its `best` is already their minimum, so
+        # scattering an edge into its clean end changes nothing: no masks needed. When many
+        # clusters are dirty, scanning every edge is cheaper than gathering the dirty ones.
+        best.index_fill_(0, dirty, math.inf)
+        nn.index_fill_(0, dirty, n)
+        if dirty.numel() * 3 >= n - done:
             eu, ev, eL = A["u"][:E], A["v"][:E], A["L"][:E]
         else:
-            flag[dirty] = True
+            flag.index_fill_(0, dirty, True)
             de = edges_of(flag)
+            flag.index_fill_(0, dirty, False)
             eu, ev, eL = A["u"].index_select(0, de), A["v"].index_select(0, de), A["L"].index_select(0, de)
-        best[dirty] = math.inf
-        nn[dirty] = n
-        if de is None:
-            best.scatter_reduce_(0, eu, eL, "amin")
-            best.scatter_reduce_(0, ev, eL, "amin")
-        else:
-            fu, fv = flag.index_select(0, eu), flag.index_select(0, ev)
-            best.scatter_reduce_(0, eu.masked_select(fu), eL.masked_select(fu), "amin")
-            best.scatter_reduce_(0, ev.masked_select(fv), eL.masked_select(fv), "amin")
-            flag[dirty] = False
+            del de
+        best.scatter_reduce_(0, eu, eL, "amin")
+        best.scatter_reduce_(0, ev, eL, "amin")
         best[n] = math.inf  # dead edges scatter into the sentinel
-        m = eL == best.index_select(0, eu)
-        nn.scatter_reduce_(0, eu.masked_select(m), ev.masked_select(m), "amin")
-        m = eL == best.index_select(0, ev)
-        nn.scatter_reduce_(0, ev.masked_select(m), eu.masked_select(m), "amin")
+        nn.scatter_reduce_(0, eu, torch.where(eL == best.index_select(0, eu), ev, n), "amin")
+        nn.scatter_reduce_(0, ev, torch.where(eL == best.index_select(0, ev), eu, n), "amin")
         nn[n] = n
-        # Clean clusters kept their nearest neighbour; a dirty edge only lowers a clean end's
-        # `best` if it equals it, and then amin keeps the smaller slot, as a full recompute would.
-        del eu, ev, eL, m, de
+        del eu, ev, eL
         # 2) reciprocal pairs at linkage <= max_epsilon (only pairs with a dirty end can be new).
         y = nn.index_select(0, dirty)
         ok = (y < n) & (nn.index_select(0, y.clamp(max=n)) == dirty) & (best.index_select(0, dirty) <= max_epsilon)
         x, y = dirty.masked_select(ok), y.masked_select(ok)
+        # A pair with both ends dirty shows up twice: keep it from its smaller end.
+        flag.index_fill_(0, dirty, True)
+        once = (x < y) | ~flag.index_select(0, y)
+        flag.index_fill_(0, dirty, False)
+        x, y = x.masked_select(once), y.masked_select(once)
         x, y = torch.minimum(x, y), torch.maximum(x, y)
         if x.numel() == 0:
             break
-        key = torch.unique(x * (n + 1) + y)
-        x, y = key // (n + 1), key % (n + 1)
         p = x.numel()
         rounds += 1
         h = torch.maximum(best.index_select(0, x), torch.maximum(height.index_select(0, x), height.index_select(0, y)))
@@ -176,24 +173,24 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         out_b.append(torch.maximum(nx, ny))
         out_h.append(h)
         out_s.append(size.index_select(0, x) + size.index_select(0, y))
-        node[x] = n + done + torch.arange(p, dtype=I64, device=dev)
-        height[x] = h
-        size[x] = out_s[-1]
-        R[x] = R.index_select(0, x) + R.index_select(0, y)
-        size[y] = 0.0
-        best[y] = math.inf
-        nn[y] = n
+        node.index_copy_(0, x, n + done + torch.arange(p, dtype=I64, device=dev))
+        height.index_copy_(0, x, h)
+        size.index_copy_(0, x, out_s[-1])
+        R.index_copy_(0, x, R.index_select(0, x) + R.index_select(0, y))
+        size.index_fill_(0, y, 0.0)
+        best.index_fill_(0, y, math.inf)
+        nn.index_fill_(0, y, n)
         done += p
         # 3) edges touching a merged cluster: killed in place, re-coalesced, appended.
-        flag[x] = True
-        flag[y] = True
+        flag.index_fill_(0, x, True)
+        flag.index_fill_(0, y, True)
         touch = edges_of(flag)
-        flag[x] = False
-        flag[y] = False
-        rep[y] = x
+        flag.index_fill_(0, x, False)
+        flag.index_fill_(0, y, False)
+        rep.index_copy_(0, y, x)
         tu = rep.index_select(0, A["u"].index_select(0, touch))
         tv = rep.index_select(0, A["v"].index_select(0, touch))
-        rep[y] = y
+        rep.index_copy_(0, y, y)
         keep = tu != tv  # the merged pair's own edge becomes a self-loop: dropped
         tkey = torch.minimum(tu, tv).masked_select(keep) * n + torch.maximum(tu, tv).masked_select(keep)
         tsel = touch.masked_select(keep)
@@ -212,9 +209,9 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         else:
             nL = linkage(nS, nc, nM, size.index_select(0, nu), size.index_select(0, nv),
                          R.index_select(0, nu), R.index_select(0, nv), *impute)
-        A["u"][touch] = n
-        A["v"][touch] = n
-        A["L"][touch] = math.inf
+        A["u"].index_fill_(0, touch, n)
+        A["v"].index_fill_(0, touch, n)
+        A["L"].index_fill_(0, touch, math.inf)
         live += q - touch.numel()
         if E + q > A["u"].numel():  # out of spare capacity: compact the live edges
             keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
@@ -232,7 +229,11 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         A["L"][E:E + q] = nL
         E += q
         # Next round's dirty clusters: the merged ones and every endpoint of a re-coalesced edge.
-        dirty = torch.unique(torch.cat([x, nu, nv]))
+        flag.index_fill_(0, x, True)
+        flag.index_fill_(0, nu, True)
+        flag.index_fill_(0, nv, True)
+        dirty = torch.nonzero(flag).squeeze(1)
+        flag.index_fill_(0, dirty, False)
         del nu, nv, nS, nc, nM, nL, touch
         log.debug("hac round %d: %d merges (%d total), %d live edges", rounds, p, done, live)
         if progress is not None:

@@ -165,8 +165,8 @@ def _graph_edges(graph, device, budget):
     src, dst, dist, rr = [], [], [], []
     for s in range(0, n, rows_blk):
         e = min(n, s + rows_blk)
-        idx = torch.from_numpy(np.ascontiguousarray(indices[s:e], dtype=np.int64)).to(device)
-        dd = torch.from_numpy(np.ascontiguousarray(distances[s:e])).to(device=device, dtype=torch.float64)
+        idx = torch.from_numpy(np.array(indices[s:e], dtype=np.int64)).to(device)
+        dd = torch.from_numpy(np.array(distances[s:e], dtype=np.float64)).to(device)
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
             bad = int(idx.min()) if int(idx.min()) < -1 else int(idx.max())
             raise ValueError(f"graph.indices: expected indices in [0, {n}) or -1 for missing, got {bad}")
