@@ -8,27 +8,36 @@ pair (A's nearest is B and B's nearest is A) merges in that same round; the edge
 clusters are relabelled and coalesced (sort + segment sums). Each round is a handful of
 whole-array torch operations on one device (CPU or CUDA); only the loop over rounds is Python.
 
-How missing pairs count (``missing=``):
+How missing pairs count (``missing=``). Every rule averages over point pairs and is exactly
+S_AB / c_AB (S_AB: sum of the edge distances between A and B, c_AB: their number) when every
+pair is an edge (c_AB = |A||B|), so all three are exact average linkage on a complete graph.
 
-* ``"bound"`` (default): the linkage of clusters A and B is the mean over ALL |A||B| point
-  pairs, where a pair that is not a graph edge counts as (r_a + r_b) / 2, r_x being x's
-  distance to its k-th neighbour. That value is a lower bound of the true distance (if b is
-  not among a's k nearest then d(a, b) >= r_a, and symmetrically), and it is separable, so
-  the linkage is kept from additive per-pair sums:
-  ``L = (S_AB + (|B| R_A + |A| R_B) / 2 - M_AB) / (|A||B|)`` with S_AB the sum of edge
-  distances, R_A the sum of r over A and M_AB the imputed value summed over the edges.
-  When every pair is an edge (c_AB = |A||B|) the linkage is exactly S_AB / c_AB.
-* ``"edges"``: the mean over the pairs that are edges only, S_AB / c_AB (not reducible).
+* ``"constant"`` (default): the mean over ALL |A||B| point pairs, a pair that is not a graph
+  edge counted at a constant C: ``L = (S_AB + C (|A||B| - c_AB)) / (|A||B|)``. C is
+  ``missing_value`` if given (a good one is the mean distance of random pairs, which a caller
+  holding the embeddings can estimate), else the largest k-th-neighbour distance in the graph
+  (the farthest distance the graph vouches for). Average linkage over one fixed completed
+  dissimilarity matrix: reducible. Measured best by far (ARI against exact average linkage at
+  mean cluster size 10, benchmarks/results/hac_ari*.json), and it needs few rounds (~50).
+* ``"bound"``: a missing pair counts at (r_a + r_b) / 2, r_x being x's k-th neighbour distance:
+  a lower bound of the true distance (if b is not among a's k nearest then d(a, b) >= r_a), kept
+  from additive sums as ``(S_AB + (|B| R_A + |A| R_B) / 2 - M_AB) / (|A||B|)`` (R_A: sum of r
+  over A; M_AB: the same imputed value summed over the edges). It underestimates far pairs, so
+  one cluster grows by accretion: ARI near 0 and thousands of rounds.
+* ``"edges"``: the mean over the pairs that are edges only, S_AB / c_AB (not reducible; chains
+  like single linkage: ARI near 0).
 
 Only clusters that share at least one edge are merge candidates, so a graph with several
 components leaves several trees (fewer than n - 1 merges).
 
-Guarantee: on a complete graph (k = N - 1) ``"bound"`` is exact average linkage; average
+Guarantee: on a complete graph (k = N - 1) every rule is exact average linkage; average
 linkage is reducible, so RAC's merges are exactly those of sequential (scipy) average linkage
 and ``cut(merges, eps)`` equals ``fcluster(linkage(X, "average"), eps, "distance")`` up to
 relabelling (barring exact ties and float rounding of the heights). On a k-NN graph each merge
-joins a reciprocal nearest-neighbour pair of adjacent clusters under the rule above: the
-result equals sequential graph HAC wherever that linkage is reducible over the graph, and is an
+joins a reciprocal nearest-neighbour pair of adjacent clusters under the rule above (RAC's
+exact rule: no approximation factor as in ParHAC/TeraHAC); the result equals sequential graph
+HAC wherever that linkage is reducible over the graph (restricting candidates to adjacent
+clusters can break reducibility in rare cases), and is an
 approximation of the complete-graph clustering whose agreement is measured (adjusted Rand
 index, benchmarks/results/hac_ari.json). Recorded heights are made monotone along the tree
 (each merge's height is at least its children's), which changes nothing when the linkage is
