@@ -249,16 +249,17 @@ def measure_floors(path=None, *, matmul_n=2048, device="cpu", read_bytes_max=2 <
         out["read_syscall_gb_s"] = done / best / 1e9
         # The stages read memory-mapped pages (no copy into a buffer): measure that too, touching
         # every 8-byte word, and take the faster of the two as the streaming floor.
-        mm = np.memmap(path, dtype=np.uint64, mode="r", offset=0, shape=(size // 8,))
         step = (64 << 20) // 8
         best = float("inf")
         for _ in range(3):
+            # A fresh mapping each pass: a stage maps the pool once and pays each page fault once.
             t0 = time.perf_counter()
+            mm = np.memmap(path, dtype=np.uint64, mode="r", offset=0, shape=(size // 8,))
             acc = 0
             for s_ in range(0, mm.shape[0], step):
                 acc ^= int(np.bitwise_xor.reduce(mm[s_:s_ + step]))
+            del mm
             best = min(best, time.perf_counter() - t0)
-        del mm
         out["read_mmap_gb_s"] = done / best / 1e9
         out["read_gb_s"] = max(out["read_syscall_gb_s"], out["read_mmap_gb_s"])
     dev = torch.device(device)
@@ -558,6 +559,8 @@ def worker_ours(cfg) -> dict:
         _common.sync(device)
         st["cycle"] = time.perf_counter() - t0
 
+    if cfg.get("result_path"):
+        _common.write_json(cfg["result_path"], dict(res, partial=True, running="quality checks"))
     # ---- quality (after timing; not timed)
     q = res["quality"]
     try:
@@ -761,8 +764,11 @@ def worker_main(cfg_json: str) -> int:
         import torch
 
         torch.set_num_threads(int(cfg["threads"]))
+    load0 = os.getloadavg()
     try:
         res = worker_ours(cfg) if cfg["method"] == "ours" else worker_peer(cfg)
+        # Other people's jobs share this machine: the load average says how much they took.
+        res["loadavg_1_5_15_start"], res["loadavg_1_5_15_end"] = load0, os.getloadavg()
     except Exception as e:
         res = {"method": cfg["method"], "n": cfg["n"], "error": f"{type(e).__name__}: {e}",
                "traceback": traceback.format_exc(limit=8), "peak_rss_bytes": _common.peak_rss_bytes()}
@@ -953,6 +959,8 @@ def run_benchmark(args) -> dict:
             _common.log(f"{peer} n={n}")
             pr = _spawn(dict(base, method=peer, epsilon=eps, ours_labels=r.get("labels_path")),
                         min(args.peer_cap, max(10, budget_left())), run_dir)
+            if str(pr.get("wall", "")).startswith("timeout") and budget_left() <= 1 and min(args.peer_cap, max(10, budget_left() + pr.get("process_s", 0))) < args.peer_cap:
+                pr["wall"] = f"run budget exhausted (killed after {pr.get('process_s', 0):.0f} s, under the {args.peer_cap:.0f} s cap)"
             out["results"].append(pr)
             if pr.get("wall") is not None or pr.get("error"):
                 walled[peer] = pr.get("wall") or f"error: {pr.get('error')}"
@@ -970,24 +978,81 @@ def _stage_time(r, stage):
     return v if isinstance(v, (int, float)) else None
 
 
+def _completeness(r):
+    return sum(1 for s_ in STAGES if _stage_time(r, s_) is not None)
+
+
+def best_ours(res) -> dict:
+    """n -> our result at that size: the most complete one; among equally complete ones (merged
+    runs), the later run's."""
+    ours = {}
+    for r in res:
+        if r["method"] != "ours":
+            continue
+        cur = ours.get(r["n"])
+        if cur is None or (_completeness(r), r.get("run_created", "")) >= (_completeness(cur), cur.get("run_created", "")):
+            ours[r["n"]] = r
+    return ours
+
+
+def merge_runs(paths) -> dict:
+    """Combine results JSONs of the same benchmark configuration (e.g. a full curve and a later
+    run at the target size). Every result keeps its run; ratios pair only results of one run."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs.sort(key=lambda o: o.get("created", ""))
+    keys = ("d", "dtype", "k", "metric", "classes", "device")
+    for o in runs[1:]:
+        diff = {k: (runs[0]["config"].get(k), o["config"].get(k)) for k in keys if runs[0]["config"].get(k) != o["config"].get(k)}
+        if diff:
+            raise ValueError(f"merge: expected runs of one configuration, got differences {diff}")
+    out = dict(runs[-1])
+    out["merged_from"] = [{"tag": o.get("tag"), "created": o.get("created"), "commit": o.get("commit"),
+                           "total_s": o.get("total_s"), "floors": o.get("floors"), "path": str(p)}
+                          for o, p in zip(runs, sorted(paths, key=lambda p: json.loads(Path(p).read_text()).get("created", "")))]
+    out["results"] = []
+    for o in runs:
+        cap = float(o["config"].get("peer_cap", float("inf")))
+        for r in o["results"]:
+            r = dict(r, run=o.get("tag"), run_created=o.get("created"))
+            w = str(r.get("wall") or "")
+            if r["method"] != "ours" and w.startswith("timeout (> "):
+                # Killed before the peer cap: the run's time budget ran out, not the peer.
+                try:
+                    secs = float(w.split("> ", 1)[1].split(" s", 1)[0])
+                except (IndexError, ValueError):
+                    secs = cap
+                if secs < cap:
+                    r["wall"] = f"run budget exhausted (killed after {secs:.0f} s, under the {cap:.0f} s cap)"
+            out["results"].append(r)
+    out["notes"] = list(out.get("notes", [])) + [
+        "merged file: where two runs measured ours at one size, the table and plot use the more complete "
+        "result, and the later run's where both finished; each peer ratio pairs results of one run"]
+    out["floors"] = runs[-1].get("floors", {})
+    summarize(out)
+    return out
+
+
 def summarize(out) -> None:
     """Ratios ours/peer at every size both finished, fitted exponents, floor ratios, targets."""
     res = [r for r in out["results"] if r.get("stages")]
-    ours = {r["n"]: r for r in res if r["method"] == "ours"}
+    ours = best_ours(res)
+    ours_by_run = {(r["n"], r.get("run")): r for r in res if r["method"] == "ours"}
     ratios = []
     compare = {"cm_fastcluster": ("end_to_end", "end_to_end"), "cm_sklearn": ("end_to_end", "end_to_end"),
                "sklearn_knn": ("clustering", "clustering"), "faiss_flat": ("knn", "knn"), "faiss_ivf": ("knn", "knn")}
     for r in res:
-        if r["method"] == "ours" or r["n"] not in ours:
+        # A ratio pairs a peer with ours from the SAME run (merged files keep each run's pairs).
+        o = ours_by_run.get((r["n"], r.get("run")))
+        if r["method"] == "ours" or o is None:
             continue
         a, b = compare[r["method"]]
-        to, tp = _stage_time(ours[r["n"]], a), _stage_time(r, b)
+        to, tp = _stage_time(o, a), _stage_time(r, b)
         if to and tp:
             row = {"peer": r["method"], "n": r["n"], "stage": a, "ours_s": to, "peer_s": tp,
-                   "ours_over_peer": to / tp, "speedup": tp / to}
+                   "ours_over_peer": to / tp, "speedup": tp / to, "run": r.get("run")}
             if r["method"].startswith("cm_"):
                 # Also the clustering alone (ours: k-NN + HAC; theirs: exact linkage + cut).
-                oc, pc = _stage_time(ours[r["n"]], "clustering"), _stage_time(r, "hac")
+                oc, pc = _stage_time(o, "clustering"), _stage_time(r, "hac")
                 if oc and pc:
                     row.update(clustering_ours_s=oc, clustering_peer_s=pc, clustering_speedup=pc / oc)
             ratios.append(row)
@@ -998,6 +1063,7 @@ def summarize(out) -> None:
         pts = [(n, _stage_time(ours[n], stage)) for n in ns if _stage_time(ours[n], stage)]
         big = [(n, t) for n, t in pts if n >= 1e5]
         exps[stage] = {"exponent_n>=1e5": fit_exponent(*zip(*big)) if len(big) >= 2 else None,
+                       "range_n>=1e5": [big[0][0], big[-1][0]] if big else None,
                        "exponent_all": fit_exponent(*zip(*pts)) if len(pts) >= 2 else None,
                        "range": [pts[0][0], pts[-1][0]] if pts else None}
     for peer in PEERS:
@@ -1047,15 +1113,20 @@ def targets(out, ours, ratios) -> dict:
         e2e = _stage_time(r1m, "end_to_end")
         t["cpu_1M_e2e_le_600s"] = {"measured_s": e2e, "peak_rss_gb": r1m.get("peak_rss_bytes", 0) / 1e9,
                                    "time_ok": bool(e2e is not None and e2e <= 600),
-                                   "rss_ok": bool(r1m.get("peak_rss_bytes", 1e30) <= 6e9),
+                                   # Only a finished run's peak counts.
+                                   "rss_ok": bool(r1m.get("peak_rss_bytes", 1e30) <= 6e9) if e2e is not None else None,
                                    "budget": r1m.get("quality", {}).get("picked")}
     fc = [r for r in ratios if r["peer"] == "cm_fastcluster"]
     if fc:
-        top = max(fc, key=lambda r: r["n"])
-        tenx = [n for n, r in ours.items() if n >= 10 * top["n"] and _stage_time(r, "end_to_end")]
-        t["vs_fastcluster_largest"] = {"n": top["n"], "speedup_end_to_end": top["speedup"],
-                                       "speedup_ok_20x": top["speedup"] >= 20,
-                                       "clustering_speedup": top.get("clustering_speedup"),
+        top_n = max(r["n"] for r in fc)
+        tops = [r for r in fc if r["n"] == top_n]  # one per run in a merged file: all reported
+        worst = min(tops, key=lambda r: r["speedup"])
+        tenx = [n for n, r in ours.items() if n >= 10 * top_n and _stage_time(r, "end_to_end")]
+        t["vs_fastcluster_largest"] = {"n": top_n, "speedup_end_to_end": worst["speedup"],
+                                       "speedup_ok_20x": worst["speedup"] >= 20,
+                                       "clustering_speedup": worst.get("clustering_speedup"),
+                                       "all_runs": [{"run": r.get("run"), "speedup": r["speedup"], "ours_s": r["ours_s"],
+                                                     "peer_s": r["peer_s"]} for r in tops],
                                        "ours_finishes_at_10x": bool(tenx), "sizes_>=10x_finished": tenx}
     c = out["config"]
     if out["machine"]["gpu"] != "none" and (c["d"], c["dtype"], c["k"], c["classes"]) == (256, "float16", 32, 1000):
@@ -1068,7 +1139,7 @@ def targets(out, ours, ratios) -> dict:
             t["gpu_cycle_le_5s"] = {"measured_s": cyc, "ok": bool(cyc is not None and cyc <= 5)}
     e = out.get("exponents", {}).get("end_to_end", {})
     if e.get("exponent_n>=1e5") is not None:
-        t["e2e_exponent_le_1.2"] = {"exponent": e["exponent_n>=1e5"], "range": e["range"],
+        t["e2e_exponent_le_1.2"] = {"exponent": e["exponent_n>=1e5"], "range": e["range_n>=1e5"],
                                     "ok": e["exponent_n>=1e5"] <= 1.2}
     return t
 
@@ -1084,11 +1155,12 @@ def plot(out, path) -> Path | None:
     except ImportError:
         return None
     res = out["results"]
-    fig, ax = plt.subplots(figsize=(9, 6.5))
+    fig, ax = plt.subplots(figsize=(12, 6.5))
     colours = dict(zip(STAGES + ("end_to_end",), ("tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:purple", "black")))
     ex = out.get("exponents", {})
+    ours_best = list(best_ours([r for r in res if r.get("stages")]).values())
     for stage in STAGES + ("end_to_end",):
-        pts = sorted((r["n"], _stage_time(r, stage)) for r in res if r["method"] == "ours" and _stage_time(r, stage))
+        pts = sorted((r["n"], _stage_time(r, stage)) for r in ours_best if _stage_time(r, stage))
         if not pts:
             continue
         e = ex.get(stage, {}).get("exponent_n>=1e5") or ex.get(stage, {}).get("exponent_all")
@@ -1097,8 +1169,15 @@ def plot(out, path) -> Path | None:
     pstyle = {"cm_fastcluster": ("end_to_end", "tab:red", "s"), "cm_sklearn": ("end_to_end", "tab:brown", "D"),
               "sklearn_knn": ("clustering", "tab:pink", "^"), "faiss_flat": ("knn", "tab:cyan", "v"),
               "faiss_ivf": ("knn", "tab:olive", "<")}
+    best_run = {r["n"]: r.get("run") for r in ours_best}
     for peer, (stage, c, m) in pstyle.items():
-        pts = sorted((r["n"], _stage_time(r, stage)) for r in res if r["method"] == peer and _stage_time(r, stage))
+        # One point per size; in a merged file the one from the run that gave our point there.
+        by_n = {}
+        for r in res:
+            if r["method"] == peer and _stage_time(r, stage):
+                if r["n"] not in by_n or r.get("run") == best_run.get(r["n"]):
+                    by_n[r["n"]] = _stage_time(r, stage)
+        pts = sorted(by_n.items())
         walls = sorted((r["n"], r["wall"]) for r in res if r["method"] == peer and r.get("wall")
                        and not r["wall"].startswith("skipped") and "budget" not in r["wall"])
         if not pts and not walls:
@@ -1123,7 +1202,7 @@ def plot(out, path) -> Path | None:
                  f"{m.get('cpu_count')} cores, {m.get('ram_gib')} GiB RAM, GPU: {m.get('gpu')} "
                  f"(device={out['config']['device']}); x = peer's wall", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1146,10 +1225,16 @@ def markdown_report(out) -> str:
     lines = [f"Machine: {m.get('cpu_count')} cores ({m.get('cpu_model')}), {m.get('ram_gib')} GiB RAM, "
              f"GPU: {m.get('gpu')}; device={c['device']}; torch {m.get('torch_version')}, "
              f"numpy {m.get('numpy_version')}. Run {out.get('created')} (commit {out.get('commit')}).",
-             f"Pool: {out.get('pool')}. k={c['k']}, metric={c['metric']}, k_t=N/10 (k_m=10 k_t) unless stated.", "",
+             f"Pool: {out.get('pool')}. k={c['k']}, metric={c['metric']}, k_t=N/10 (k_m=10 k_t) unless stated."]
+    if out.get("merged_from"):
+        lines.append("Merged from runs: " + "; ".join(f"{m['tag']} ({m['created']}, commit {m['commit']})"
+                                                      for m in out["merged_from"]) + ".")
+    lines += ["",
              "| N | open | k-NN | HAC | margin | sampling | end to end | peak RSS | recall@k | ARI vs exact |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in out["results"] if r["method"] == "ours"), key=lambda r: r["n"]):
+    best = best_ours([r for r in out["results"] if r.get("stages")])
+    for r in sorted((r for r in out["results"] if r["method"] == "ours" and best.get(r["n"], r) is r),
+                    key=lambda r: r["n"]):
         st, q = r.get("stages", {}), r.get("quality", {})
         rss = r.get("peak_rss_bytes")
         cell = lambda s_: _fmt_s(st.get(s_)) if s_ in st else ("skip" if "skip" in str(r.get("status", {}).get(s_, "")) else  # noqa: E731
@@ -1160,14 +1245,16 @@ def markdown_report(out) -> str:
                      .replace("nan", "-") if rss else f"| {r['n']:,} | {r.get('wall') or r.get('error')} |")
     lines += ["", "Peers (same pools, same run; seconds; x = ours faster by):", "",
               "| peer | N | peer stage | peer s | ours s | speedup | peer peak RSS |", "|---|---:|---|---:|---:|---:|---:|"]
-    peers_by = {(r["method"], r["n"]): r for r in out["results"] if r["method"] != "ours"}
-    for x in out.get("ratios", []):
-        pr = peers_by.get((x["peer"], x["n"]), {})
+    peers_by = {(r["method"], r["n"], r.get("run")): r for r in out["results"] if r["method"] != "ours"}
+    for x in sorted(out.get("ratios", []), key=lambda x: (x["n"], x["peer"])):
+        pr = peers_by.get((x["peer"], x["n"], x.get("run")), {})
         lines.append(f"| {x['peer']} | {x['n']:,} | {x['stage']} | {_fmt_s(x['peer_s'])} | {_fmt_s(x['ours_s'])} | "
-                     f"{x['speedup']:.1f}x | {pr.get('peak_rss_bytes', 0) / 1e9:.2f} GB |")
+                     f"{x['speedup']:.1f}x | {pr.get('peak_rss_bytes', 0) / 1e9:.2f} GB |"
+                     + (f" {x['run']} |" if x.get("run") else ""))
     walls = {}
     for r in out["results"]:
-        if r["method"] != "ours" and r.get("wall") and r["method"] not in walls and not r["wall"].startswith("skipped"):
+        if (r["method"] != "ours" and r.get("wall") and r["method"] not in walls and not r["wall"].startswith("skipped")
+                and "budget" not in r["wall"]):
             walls[r["method"]] = f"{r['method']}: stops at N={r['n']:,} ({r['wall']})"
     if walls:
         lines += ["", "Walls: " + "; ".join(walls.values()) + "."]
@@ -1220,6 +1307,8 @@ def build_parser():
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the warm-up pass of ours (smoke runs only: first-call JIT then lands in the timings)")
     p.add_argument("--report", default=None, metavar="JSON", help="print the markdown tables of a results JSON and exit")
+    p.add_argument("--merge", type=lambda s: s.split(","), default=None, metavar="A.json,B.json",
+                   help="combine results JSONs of one configuration into throughput_<tag>.json/.png and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -1232,6 +1321,17 @@ def main(argv=None) -> int:
         return worker_main(args.worker)
     if args.report:
         print(markdown_report(json.loads(Path(args.report).read_text())))
+        return 0
+    if args.merge:
+        out = merge_runs(args.merge)
+        tag = args.tag or "merged"
+        out["tag"] = tag
+        od = Path(args.out_dir)
+        jp = _common.write_json(od / f"throughput_{tag}.json", out)
+        if not args.no_plot:
+            out["plot"] = str(plot(out, od / f"throughput_{tag}.png"))
+            _common.write_json(jp, out)
+        print(json.dumps({"results": str(jp), "targets": out.get("targets")}, indent=1))
         return 0
     if args.quick:
         args.sizes = args.sizes or list(QUICK_SIZES)

@@ -61,7 +61,7 @@ if [ "$DRY" = 1 ]; then
   # The CPU stands in for the card: same steps, tiny sizes, nothing installed.
   DEVICE=cpu
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-  CURVE_ARGS=(--sizes 1500,3000 --graph-max 1500 --d 32 --dtype float16 --classes 20 --recall-queries 100 --matmul-n 256 --no-warmup)
+  CURVE_ARGS=(--sizes 1500 --graph-max 1500 --d 32 --dtype float16 --classes 20 --recall-queries 100 --matmul-n 256 --no-warmup)
   TARGET_ARGS=(--sizes 2000 --d 32 --dtype float16 --k 8 --classes 20 --budget 100 --recall-queries 100 --matmul-n 256 --no-warmup)
   L_INSTALL=30; L_TESTS=120; L_CURVE=120; L_TARGET=120
 else
@@ -69,11 +69,11 @@ else
   # Pools that fill the card: 1M and 10M for k-NN + HAC, 100M rows for the streaming stages
   # (open, margin scoring, sampling). float16 d=128: the 100M pool is 25.6 GB on local disk.
   CURVE_ARGS=(--sizes 1000000,10000000,100000000 --graph-max 10000000 --d 128 --dtype float16 --classes 100
-              --total-cap 160 --ours-cap 150)
+              --total-cap 160 --ours-cap 150 --recall-queries 300 --matmul-n 8192)
   # The GPU target: 10M x 256 float16, k=32, 1000 classes, 1M picked, from cold files,
   # plus the cached-cluster cycle (scoring + selection only).
   TARGET_ARGS=(--sizes 10000000 --d 256 --dtype float16 --k 32 --classes 1000 --budget 1000000
-               --total-cap 190 --ours-cap 180)
+               --total-cap 190 --ours-cap 180 --recall-queries 300 --matmul-n 8192)
   L_INSTALL=60; L_TESTS=80; L_CURVE=180; L_TARGET=200
 fi
 
