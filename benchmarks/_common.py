@@ -50,12 +50,19 @@ def machine_info() -> dict:
         "gpu": gpu_name(),
     }
     info["ram_gib"] = round(info["ram_bytes"] / 2**30, 1) if info["ram_bytes"] else None
-    for mod in ("numpy", "torch", "scipy", "faiss", "sklearn", "fastcluster", "numba"):
+    # Versions from the installed metadata: importing faiss, sklearn or numba just to read a
+    # version costs seconds per process.
+    from importlib import metadata
+
+    for mod, dist in (("numpy", "numpy"), ("torch", "torch"), ("scipy", "scipy"), ("faiss", "faiss-cpu"),
+                      ("sklearn", "scikit-learn"), ("fastcluster", "fastcluster"), ("numba", "numba")):
         try:
-            m = __import__(mod)
-            info[f"{mod}_version"] = getattr(m, "__version__", "?")
-        except Exception:
-            info[f"{mod}_version"] = None
+            info[f"{mod}_version"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            try:
+                info[f"{mod}_version"] = metadata.version(f"{dist}-gpu") if mod == "faiss" else None
+            except metadata.PackageNotFoundError:
+                info[f"{mod}_version"] = None
     try:
         import torch
 

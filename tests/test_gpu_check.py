@@ -112,6 +112,7 @@ def test_throughput_quick_smoke(tmp_path):
         assert ours["quality"]["picked"] == 150 and ours["quality"]["picked_unique"]
 
 
+@pytest.mark.slow  # ~10 fresh Python processes: 40-110 s on the shared 2-core machine
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_gpu_check_dry_mode(tmp_path):
     """The GPU check runs end to end on the CPU; a failing step does not lose the others."""
@@ -122,9 +123,9 @@ def test_gpu_check_dry_mode(tmp_path):
     out = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert out["dry"] is True
     steps = {s["step"]: s for s in out["steps"]}
-    assert list(steps) == ["install", "nvidia-smi", "torch-device", "pytest-gpu", "target", "curve"]
+    assert list(steps) == ["install", "nvidia-smi", "torch-device", "pytest-gpu", "target", "curve", "stream", "merge"]
     assert steps["nvidia-smi"]["rc"] == 3 and out["ok"] is False  # the forced failure is recorded...
-    for name in ("install", "torch-device", "pytest-gpu", "target", "curve"):  # ...and the rest still ran
+    for name in ("install", "torch-device", "pytest-gpu", "target", "curve", "stream", "merge"):  # ...the rest ran
         assert steps[name]["ok"], (name, (tmp_path / "out" / "gpu-check.log").read_text()[-3000:])
     assert out["torch"]["device_name"] == "none" or out["torch"]["cuda_available"]
     for key in ("target", "curve"):
@@ -133,5 +134,10 @@ def test_gpu_check_dry_mode(tmp_path):
         for r in res:
             assert r["status"]["open"] == "ok"
             assert not [s for s, v in r["status"].items() if v.startswith("error")], r.get("tracebacks")
+    # The curve merges the k-NN + HAC sizes and the streaming-only size.
+    by_n = {r["n"]: r for r in out["curve"]["results"]}
+    assert by_n[1500]["status"]["hac"] == "ok" and by_n[3000]["status"]["knn"].startswith("skipped")
+    assert by_n[3000]["status"]["margin"] == "ok" and by_n[3000]["stages"]["cycle"] > 0
+    assert out["target"]["results"][0]["cache_state"].startswith(("cold", "not dropped"))
     assert out["target"]["config"]["logits_on"] == "device"
     assert (tmp_path / "out" / "throughput_gpu.png").exists()
