@@ -1,0 +1,80 @@
+"""Issue 7 cost target: a selection cycle on a synthetic 1M-point pool with and without the filter.
+
+Cycle = margin_scores(logits [N, C]) + cluster_margin (or filtered_cluster_margin), the k-NN graph
+and the cluster labels given (built once per pool, not part of a cycle). Synthetic graph: every
+point has 3 near-copies (distance ~U(0, 0.005)) and 13 other neighbours (~U(0.05, 0.5)), so the
+filter has real work; labeled set 10% of the pool, budget 10% (100K), km_ratio 1.25 and 10.
+    python benchmarks/_quality_filter_cost.py [--n 1000000] [--reps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_MACHINE_NOTE, machine_info, peak_rss_bytes, utc_now, write_json  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=10)
+    a = ap.parse_args()
+    import torch
+
+    from cm_engine.margin import margin_scores
+    from cm_engine.redundancy import filtered_cluster_margin, near_duplicate_filter
+    from cm_engine.strategies import cluster_margin
+
+    n, k, C = a.n, 16, a.classes
+    rng = np.random.default_rng(0)
+    g = np.arange(n) // 4  # copy groups of 4 consecutive rows
+    base = g * 4
+    copies = base[:, None] + np.array([[0, 1, 2, 3]])
+    copies = copies[copies != np.arange(n)[:, None]].reshape(n, 3)
+    others = rng.integers(0, n, size=(n, k - 3))
+    ind = np.concatenate([copies, others], axis=1).astype(np.int32)
+    dist = np.concatenate([np.sort(rng.uniform(0, 0.005, (n, 3)), 1), np.sort(rng.uniform(0.05, 0.5, (n, k - 3)), 1)],
+                          axis=1).astype(np.float32)
+    graph = (ind, dist)
+    labels = rng.integers(0, n // 10, n)
+    logits = rng.standard_normal((n, C)).astype(np.float32) * 3
+    labeled = rng.choice(n, n // 10, replace=False)
+    budget, delta = n // 10, 0.01
+    res = {"benchmark": "quality_filter_cost", "n": n, "k": k, "classes": C, "budget": budget, "labeled": labeled.size,
+           "delta": delta, "cases": {}}
+    # check the answer first: the filtered picks contain no near-copy pairs and no copy of a labeled point
+    pick = filtered_cluster_margin(margin_scores(logits, device="cpu"), labels, graph, budget, km_ratio=1.25,
+                                   delta=delta, exclude=labeled, seed=0)
+    gl = np.zeros(n // 4 + 1, bool)
+    gl[g[labeled]] = True
+    assert pick.size == budget and not gl[g[pick]].any() and np.unique(g[pick]).size == pick.size
+    for km in (1.25, 10.0):
+        t_plain, t_filt, t_filter_only = [], [], []
+        for r in range(a.reps + 1):  # first rep = warm-up, dropped
+            t0 = time.perf_counter()
+            s = margin_scores(logits, device="cpu")
+            cluster_margin(s, labels, budget, km_ratio=km, exclude=labeled, seed=r)
+            t1 = time.perf_counter()
+            s = margin_scores(logits, device="cpu")
+            filtered_cluster_margin(s, labels, graph, budget, km_ratio=km, delta=delta, exclude=labeled, seed=r)
+            t2 = time.perf_counter()
+            if r:
+                t_plain.append(t1 - t0)
+                t_filt.append(t2 - t1)
+        res["cases"][f"km_ratio_{km}"] = {"cycle_s": float(np.median(t_plain)), "cycle_filtered_s": float(np.median(t_filt)),
+                                          "overhead": float(np.median(t_filt) / np.median(t_plain) - 1),
+                                          "all_cycle_s": t_plain, "all_filtered_s": t_filt}
+        print(km, res["cases"][f"km_ratio_{km}"], flush=True)
+    res.update(machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
+               notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up")
+    write_json(Path(__file__).resolve().parent / "results" / "quality_filter_cost.json", res)
+
+
+if __name__ == "__main__":
+    main()

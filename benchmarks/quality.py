@@ -1,0 +1,354 @@
+"""Selection-quality benchmark (issues 5 and 7): active-learning curves on frozen features.
+
+Protocol: frozen features (PCA-128 of each dataset's embeddings, fitted on the pool, unsupervised),
+a multinomial logistic-regression head (_quality_head.py: standardized features, full-batch L-BFGS,
+the same hyperparameters everywhere) retrained from scratch each round, test accuracy after each
+round. Seed set: 1% of the pool at random (the same for every strategy of a seed); batches of
+--batch-frac of the pool; --rounds rounds; --seeds seeds. Pools: a seeded subset of each training
+set (cifar10/fashion_mnist 20K, clinc150 15K, banking77 10K: all of it) and a near-duplicate variant
+of the same size (pool_size/4 originals x 4 noisy copies, _quality_data.py). Clustering is done ONCE
+per pool (engine: cm_engine.cluster, k=16 cosine, target mean size 10, recut to 4; exact: average
+linkage over all pairs (fastcluster/scipy, cosine) cut at the same mean size) and reused.
+
+    python benchmarks/quality.py --quick                      # CI-size smoke run
+    python benchmarks/quality.py --datasets banking77 --variants clean redundant
+    python benchmarks/quality.py --summarize                  # tables -> docs/quality.md + summary JSON
+
+Results: benchmarks/results/quality_<dataset>_<variant>.json and .png (accuracy vs labels).
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import _quality_data as D  # noqa: E402
+import _quality_head as H  # noqa: E402
+from _common import SHARED_MACHINE_NOTE, git_commit, machine_info, peak_rss_bytes, utc_now, write_json  # noqa: E402
+
+RESULTS = HERE / "results"
+DOCS = HERE.parent / "docs"
+
+#: (name, description). "g4" = clusters recut to mean size 4; "filter" = issue 7's near-duplicate filter.
+STRATEGIES = {
+    "random": "uniform random",
+    "margin": "lowest margin (no diversity)",
+    "coreset": "CoreSet k-center greedy (cm_engine.baselines)",
+    "badge": "BADGE k-means++ on gradient embeddings (cm_engine.baselines)",
+    "cm_1.25": "Cluster-Margin, engine HAC, km_ratio 1.25, smallest-first (paper)",
+    "cm_10": "Cluster-Margin, engine HAC, km_ratio 10, smallest-first (paper)",
+    "exact_cm_1.25": "Cluster-Margin, exact HAC, km_ratio 1.25",
+    "exact_cm_10": "Cluster-Margin, exact HAC, km_ratio 10",
+    "cm_10_largest": "Cluster-Margin km 10, largest-first",
+    "cm_10_random": "Cluster-Margin km 10, random cluster order",
+    "cm_10_labelaware": "Cluster-Margin km 10, label-aware (unlabeled clusters first, random among equals)",
+    "cm_10_largest_g4": "Cluster-Margin km 10, largest-first, clusters of mean size 4",
+    "cm_10_labelaware_g4": "Cluster-Margin km 10, label-aware, clusters of mean size 4",
+    "margin_filter": "margin + near-duplicate filter (auto delta)",
+    "cm_1.25_filter": "Cluster-Margin km 1.25 + near-duplicate filter (auto delta)",
+}
+REDUNDANT_ONLY = {"cm_10_largest_g4", "cm_10_labelaware_g4"}
+MEAN_SIZE, FINE_SIZE, K = 10, 4, 16
+
+log = logging.getLogger("quality")
+
+
+class _BigLock:
+    """flock /tmp/cm-big.lock around steps that need > 1.5 GB (the exact all-pairs HAC)."""
+
+    def __enter__(self):
+        self.f = open("/tmp/cm-big.lock", "a")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def exact_linkage(X):
+    """Average linkage over all pairs (cosine distances; O(N^2) memory: the pool sizes fit)."""
+    try:
+        import fastcluster
+
+        Z = fastcluster.linkage(X.astype(np.float64), method="average", metric="cosine")
+    except ImportError:  # pragma: no cover
+        from scipy.cluster.hierarchy import linkage
+
+        Z = linkage(X.astype(np.float64), "average", metric="cosine")
+    return Z
+
+
+def cut_linkage(Z, target_mean_size):
+    """fcluster at the height whose cut leaves n / target_mean_size clusters (ties: all merges at it)."""
+    from scipy.cluster.hierarchy import fcluster
+
+    n = Z.shape[0] + 1
+    p = int(round(n - n / target_mean_size))  # merges to apply for that mean size
+    h = np.sort(Z[:, 2])
+    eps = float(h[p - 1]) if p > 0 else 0.0
+    lab = fcluster(Z, eps, "distance") if p > 0 else np.arange(1, n + 1)
+    return np.unique(lab, return_inverse=True)[1].astype(np.int64), eps
+
+
+def prepare_pool(name, variant, args):
+    """Features, test set, clusterings (engine + exact), the k-NN graph and auto delta: once per pool."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from cm_engine.cluster import cluster
+    from cm_engine.knn import knn_graph
+    from cm_engine.redundancy import auto_delta
+
+    X, y, Xt, yt, g = D.dataset(name, variant, data=args.data, pool_size=args.pool_size)
+    info = {"n_pool": int(X.shape[0]), "dim": int(X.shape[1]), "n_test": int(Xt.shape[0]),
+            "n_classes": int(y.max()) + 1}
+    t = time.perf_counter()
+    cl = cluster(X, target_mean_size=MEAN_SIZE, k=K, metric="cosine")
+    info["engine_cluster_s"] = time.perf_counter() - t
+    fine = cl.recut(target_mean_size=FINE_SIZE)
+    t = time.perf_counter()
+    with _BigLock():
+        Z = exact_linkage(X)
+    ex_labels, ex_eps = cut_linkage(Z, MEAN_SIZE)
+    del Z
+    info["exact_cluster_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    graph = knn_graph(X, k=K, metric="cosine")
+    delta = auto_delta(graph)
+    info["graph_for_filter_s"] = time.perf_counter() - t
+    info.update(engine_n_clusters=int(cl.n_clusters), engine_epsilon=float(cl.epsilon),
+                engine_fine_n_clusters=int(fine.n_clusters), exact_n_clusters=int(ex_labels.max()) + 1,
+                exact_epsilon=ex_eps, ari_engine_vs_exact=float(adjusted_rand_score(ex_labels, cl.labels)),
+                delta=float(delta))
+    if variant == "redundant":
+        info["ari_engine_vs_copy_groups_g4"] = float(adjusted_rand_score(g, fine.labels))
+        same = g[np.asarray(graph.indices)] == g[:, None]
+        dd = np.asarray(graph.distances)
+        info["delta_copy_edges_caught"] = float((dd[same] <= delta).mean())
+        info["delta_noncopy_edges_caught"] = float((dd[~same] <= delta).mean())
+    return dict(X=X, y=y, Xt=Xt, yt=yt, g=g, labels=cl.labels, labels_fine=fine.labels, labels_exact=ex_labels,
+                graph=graph, delta=delta, info=info)
+
+
+def select(strategy, P, model, Xs, labeled, budget, seed):
+    """One selection: returns int64 pool indices."""
+    from cm_engine.baselines import badge_select, coreset_select, random_select
+    from cm_engine.margin import margin_scores
+    from cm_engine.redundancy import filtered_cluster_margin, filtered_margin
+    from cm_engine.strategies import cluster_margin
+
+    n = Xs.shape[0]
+    excl = np.asarray(labeled, dtype=np.int64)
+    if strategy == "random":
+        return random_select(n, budget, exclude=excl, seed=seed)
+    logits = H.logits(model, Xs).numpy()
+    if strategy == "badge":
+        return badge_select(Xs.numpy(), logits, budget, exclude=excl, seed=seed, device="cpu")
+    if strategy == "coreset":
+        return coreset_select(Xs.numpy(), budget, exclude=excl, seed=seed, device="cpu")
+    s = margin_scores(logits, device="cpu")
+    if strategy == "margin":
+        from cm_engine.strategies import lowest_k
+
+        keep = np.ones(n, dtype=bool)
+        keep[excl] = False
+        elig = np.flatnonzero(keep)
+        return elig[lowest_k(s[elig], budget)]
+    if strategy == "margin_filter":
+        return filtered_margin(s, P["graph"], budget, delta=P["delta"], exclude=excl)
+    if strategy == "cm_1.25_filter":
+        return filtered_cluster_margin(s, P["labels"], P["graph"], budget, km_ratio=1.25, delta=P["delta"],
+                                       exclude=excl, seed=seed)
+    parts = strategy.split("_")
+    exact = parts[0] == "exact"
+    if exact:
+        parts = parts[1:]
+    km = float(parts[1])
+    opt = parts[2] if len(parts) > 2 else "smallest"
+    labels = P["labels_exact"] if exact else (P["labels_fine"] if strategy.endswith("_g4") else P["labels"])
+    order, aware = {"smallest": ("smallest", False), "largest": ("largest", False), "random": ("random", False),
+                    "labelaware": ("random", True)}[opt]
+    return cluster_margin(s, labels, budget, km_ratio=km, exclude=excl, seed=seed, order=order, label_aware=aware)
+
+
+def run_pool(name, variant, args):
+    import torch
+
+    from cm_engine.redundancy import redundancy_report
+
+    P = prepare_pool(name, variant, args)
+    info = P["info"]
+    log.info("%s/%s prepared: %s", name, variant, json.dumps(info))
+    std = H.standardizer(P["X"])
+    Xs, Xts = std(P["X"]), std(P["Xt"])
+    y, yt, C = P["y"], P["yt"], info["n_classes"]
+    n = Xs.shape[0]
+    seed_n = max(C if args.quick else 1, int(round(args.seed_frac * n)))
+    budget = int(round(args.batch_frac * n))
+    strategies = [s for s in args.strategies if variant == "redundant" or s not in REDUNDANT_ONLY]
+    runs = {s: [] for s in strategies}
+    red_delta = P["delta"]
+    for seed in range(args.seeds):
+        rng = np.random.default_rng(1000 + seed)
+        seed_set = rng.choice(n, seed_n, replace=False)
+        t = time.perf_counter()
+        m0 = H.train(Xs[seed_set], y[seed_set], C)
+        acc0 = H.accuracy(m0, Xts, yt)
+        for s in strategies:
+            labeled = seed_set.copy()
+            model = m0
+            rec = {"seed": seed, "labels": [int(seed_n)], "acc": [acc0], "select_s": [], "train_s": [],
+                   "near_labeled": [], "near_copicked": []}
+            for r in range(args.rounds):
+                t0 = time.perf_counter()
+                pick = select(s, P, model, Xs, labeled, budget, seed * 100 + r)
+                rec["select_s"].append(time.perf_counter() - t0)
+                pick = np.asarray(pick, dtype=np.int64)
+                assert pick.size == budget and np.intersect1d(pick, labeled).size == 0, (s, pick.size)
+                rep = redundancy_report(pick, P["graph"], delta=red_delta, labeled=labeled)
+                rec["near_labeled"].append(rep["near_labeled"])
+                rec["near_copicked"].append(rep["near_copicked"])
+                if variant == "redundant":  # ground truth: picks whose copy group is already labeled/co-picked
+                    gl = np.isin(P["g"][pick], P["g"][labeled])
+                    _, inv, cnt = np.unique(P["g"][pick], return_inverse=True, return_counts=True)
+                    rec.setdefault("true_copy_of_labeled", []).append(float(gl.mean()))
+                    rec.setdefault("true_copy_in_batch", []).append(float((cnt[inv] > 1).mean()))
+                labeled = np.concatenate([labeled, pick])
+                t0 = time.perf_counter()
+                model = H.train(Xs[labeled], y[labeled], C)
+                rec["train_s"].append(time.perf_counter() - t0)
+                rec["labels"].append(int(labeled.size))
+                rec["acc"].append(H.accuracy(model, Xts, yt))
+            runs[s].append(rec)
+            log.info("%s/%s seed %d %-20s acc %s sel %.2fs", name, variant, seed, s,
+                     " ".join(f"{a:.3f}" for a in rec["acc"]), float(np.mean(rec["select_s"])))
+        log.info("%s/%s seed %d done in %.0fs", name, variant, seed, time.perf_counter() - t)
+    out = {"benchmark": "quality", "dataset": name, "variant": variant, "quick": args.quick,
+           "protocol": {"seed_frac": args.seed_frac, "batch_frac": args.batch_frac, "rounds": args.rounds,
+                        "seeds": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
+                        "dataset's embeddings (Fashion-MNIST: PCA-128 of pixels/255), fitted on unlabeled data",
+                        "head": f"multinomial logistic regression, standardized features, L-BFGS max_iter "
+                        f"{H.MAX_ITER}, L2 {H.LAMBDA}", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
+           "pool": info, "strategies": {s: STRATEGIES[s] for s in strategies}, "runs": runs,
+           "summary": summarize_runs(runs), "machine": machine_info(), "git_commit": git_commit(),
+           "peak_rss_bytes": peak_rss_bytes(), "time_utc": utc_now(),
+           "notes": SHARED_MACHINE_NOTE + "; torch threads " + str(torch.get_num_threads())}
+    tag = f"{name}_{variant}" + ("_quick" if args.quick else "")
+    write_json(RESULTS / f"quality_{tag}.json", out)
+    plot(out, RESULTS / f"quality_{tag}.png")
+    return out
+
+
+def _interp_labels(labels, acc, target):
+    """Labels at which the curve first reaches `target` (linear interpolation), or None."""
+    for i in range(len(acc)):
+        if acc[i] >= target:
+            if i == 0:
+                return float(labels[0])
+            a0, a1 = acc[i - 1], acc[i]
+            return float(labels[i - 1] + (target - a0) / (a1 - a0) * (labels[i] - labels[i - 1]))
+    return None
+
+
+def summarize_runs(runs):
+    """Per strategy: mean accuracy over rounds 1..R (mean ± SE over seeds), final accuracy, label
+    savings vs random's final accuracy, mean selection time, redundancy fractions."""
+    out = {}
+    rnd = runs.get("random")
+    target = float(np.mean([r["acc"][-1] for r in rnd])) if rnd else None
+    for s, recs in runs.items():
+        if not recs:
+            continue
+        per_seed = np.array([np.mean(r["acc"][1:]) for r in recs])
+        curve = np.mean([r["acc"] for r in recs], axis=0)
+        labels = recs[0]["labels"]
+        d = {"mean_acc": float(per_seed.mean()),
+             "se": float(per_seed.std(ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else 0.0,
+             "final_acc": float(curve[-1]), "curve": curve.tolist(), "labels": labels,
+             "select_s": float(np.mean([np.mean(r["select_s"]) for r in recs])),
+             "near_labeled": float(np.mean([np.mean(r["near_labeled"]) for r in recs])),
+             "near_copicked": float(np.mean([np.mean(r["near_copicked"]) for r in recs]))}
+        if "true_copy_of_labeled" in recs[0]:
+            d["true_copy_of_labeled"] = float(np.mean([np.mean(r["true_copy_of_labeled"]) for r in recs]))
+            d["true_copy_in_batch"] = float(np.mean([np.mean(r["true_copy_in_batch"]) for r in recs]))
+        if target is not None:
+            need = _interp_labels(labels, curve, target)
+            d["labels_to_random_final"] = need
+            d["label_savings"] = None if need is None else float(1 - need / labels[-1])
+        out[s] = d
+    return out
+
+
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s, recs in res["runs"].items():
+        a = np.array([r["acc"] for r in recs])
+        m = a.mean(0)
+        se = a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros_like(m)
+        x = recs[0]["labels"]
+        style = "-" if s in ("random", "margin", "cm_1.25", "cm_10", "margin_filter") else "--"
+        ax.plot(x, m, style, marker=".", label=s, lw=1.6 if style == "-" else 1.0)
+        ax.fill_between(x, m - se, m + se, alpha=0.15)
+    p = res["pool"]
+    ax.set_title(f"{res['dataset']} ({res['variant']}): pool {p['n_pool']}, {res['protocol']['seeds']} seeds, "
+                 f"batch {res['protocol']['budget']}", fontsize=10)
+    ax.set_xlabel("labels")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="shared data dir (default $CM_ENGINE_DATA or ../shared/data)")
+    ap.add_argument("--datasets", nargs="+", default=list(D.DATASETS), choices=D.DATASETS)
+    ap.add_argument("--variants", nargs="+", default=["clean", "redundant"], choices=["clean", "redundant"])
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--batch-frac", type=float, default=0.10)
+    ap.add_argument("--seed-frac", type=float, default=0.01)
+    ap.add_argument("--pool-size", type=int, default=None, help="override every pool size")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="CI smoke run: 2K pools, 2 seeds, 2 rounds")
+    ap.add_argument("--summarize", action="store_true", help="only write docs/quality.md and the summary JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("cm_engine").setLevel(logging.WARNING)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.summarize:
+        from _quality_report import write_report
+
+        write_report(RESULTS, DOCS / "quality.md")
+        return
+    if args.quick:
+        args.pool_size = args.pool_size or 2000
+        args.seeds, args.rounds = min(args.seeds, 2), min(args.rounds, 2)
+    for name in args.datasets:
+        for variant in args.variants:
+            run_pool(name, variant, args)
+
+
+if __name__ == "__main__":
+    main()
