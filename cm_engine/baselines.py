@@ -88,6 +88,15 @@ def _gather(pool: Pool, idx: np.ndarray, device, dtype=torch.float32) -> torch.T
     return torch.from_numpy(rows).to(device=device, dtype=dtype)
 
 
+def _init_tiles(k0: int, rows: int, budget=None) -> tuple[int, int]:
+    """(centre chunk, row block) for the distances to k0 initial centres: the [rows, chunk] float32
+    tile and its two temporaries stay inside the byte budget, and the row block never exceeds the
+    feature block's `rows`."""
+    step = max(1, min(k0, 4096))
+    trows = max(1, min(rows, _budget_bytes(budget) // (step * 4 * 3)))
+    return step, trows
+
+
 def _split(n: int, rows: int):
     return [(s, min(s + rows, n)) for s in range(0, n, max(1, rows))]
 
@@ -331,9 +340,9 @@ def _traverse(space, m: int, budget: int, *, mode: str, rng: np.random.Generator
 
     if k0:
         space.put(store, slice(0, k0), init)
-        step = max(1, min(k0, rows // 4))  # centre chunk: the [rows, step] tile stays in the budget
-        log_memory_estimate("traverse: distances to the initial centres", rows * step * 4 * 3)
-        for s, e in _split(m, rows):
+        step, trows = _init_tiles(k0, rows)
+        log_memory_estimate("traverse: distances to the initial centres", trows * step * 4 * 3)
+        for s, e in _split(m, trows):
             f = space.feats(all_pos[s:e])
             best = torch.full((e - s,), float("inf"), device=device)
             arg = torch.zeros(e - s, dtype=torch.int64, device=device)
@@ -723,8 +732,9 @@ def _coreset_lazy(pool, cand, centres_idx, budget, metric, budget_b, rng, rows, 
         cs = _gather(pool, np.sort(centres_idx), torch.device("cpu"))
         if metric == "cosine":
             cs = cs / cs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        step = max(1, min(cs.shape[0], rows // 4))
-        for s, e in _split(cand.size, rows):
+        step, trows = _init_tiles(cs.shape[0], rows, budget_b)
+        log_memory_estimate("coreset_select: distances to the initial centres", trows * step * 4 * 3)
+        for s, e in _split(cand.size, trows):
             f = torch.from_numpy(np.ascontiguousarray(X[rows_of[s:e]]))
             best = torch.full((e - s,), float("inf"))
             arg = torch.zeros(e - s, dtype=torch.int64)
