@@ -118,7 +118,11 @@ def prepare_pool(name, variant, args):
     info["engine_cluster_s"] = time.perf_counter() - t
     fine = cl.recut(target_mean_size=FINE_SIZE)
     t = time.perf_counter()
-    with _BigLock():
+    n_pairs_bytes = X.shape[0] * (X.shape[0] - 1) // 2 * 8 * 2  # condensed distances + working copy
+    if n_pairs_bytes > 1.5 * 2**30:
+        with _BigLock():
+            Z = exact_linkage(X)
+    else:
         Z = exact_linkage(X)
     ex_labels, ex_eps = cut_linkage(Z, MEAN_SIZE)
     del Z
@@ -234,9 +238,17 @@ def run_pool(name, variant, args):
             log.info("%s/%s seed %d %-20s acc %s sel %.2fs", name, variant, seed, s,
                      " ".join(f"{a:.3f}" for a in rec["acc"]), float(np.mean(rec["select_s"])))
         log.info("%s/%s seed %d done in %.0fs", name, variant, seed, time.perf_counter() - t)
+        _write(name, variant, args, P, runs, strategies, seed_n, budget, seeds_done=seed + 1)
+
+
+def _write(name, variant, args, P, runs, strategies, seed_n, budget, *, seeds_done):
+    """Results so far (written after every seed, so a cut-short run still leaves its finished seeds)."""
+    import torch
+
+    info = P["info"]
     out = {"benchmark": "quality", "dataset": name, "variant": variant, "quick": args.quick,
            "protocol": {"seed_frac": args.seed_frac, "batch_frac": args.batch_frac, "rounds": args.rounds,
-                        "seeds": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
+                        "seeds": seeds_done, "seeds_planned": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
                         "dataset's embeddings (Fashion-MNIST: PCA-128 of pixels/255), fitted on unlabeled data",
                         "head": f"multinomial logistic regression, standardized features, L-BFGS max_iter "
                         f"{H.MAX_ITER}, L2 {H.LAMBDA}", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},

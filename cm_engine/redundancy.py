@@ -91,19 +91,29 @@ def _check_delta(delta, graph):
 
 
 def _near_pairs(rows: np.ndarray, ind, dist, delta: float):
-    """Edges (rows[i], j) with distance <= delta read from the given rows: (src, dst) int64 arrays."""
-    if rows.size == 0:
+    """Edges (rows[i], j) with distance <= delta read from the given rows: (src, dst) int64 arrays.
+
+    Column by column: rows are sorted ascending, so a row whose c-th distance exceeds delta has no
+    further hit and leaves the active set; the loop (at most k columns) stops once none is left.
+    Near-duplicates are few per row, so this reads a few columns instead of all k."""
+    src_parts, dst_parts = [], []
+    act = rows
+    for c in range(ind.shape[1]):
+        if act.size == 0:
+            break
+        dc = np.asarray(dist[act, c])
+        hit = dc <= delta  # False for +inf (missing)
+        act = act[hit]
+        if act.size == 0:
+            break
+        jc = np.asarray(ind[act, c]).astype(np.int64, copy=False)
+        ok = (jc >= 0) & (jc != act)
+        src_parts.append(act[ok])
+        dst_parts.append(jc[ok])
+    if not src_parts:
         z = np.zeros(0, dtype=np.int64)
         return z, z.copy()
-    ii = np.asarray(ind[rows])
-    dd = np.asarray(dist[rows])
-    # rows are sorted ascending, so only a prefix can be <= delta; the mask handles -1/inf too.
-    hit = (dd <= delta) & (ii >= 0)
-    r, c = np.nonzero(hit)
-    src = rows[r]
-    dst = ii[r, c].astype(np.int64, copy=False)
-    keep = dst != src
-    return src[keep], dst[keep]
+    return np.concatenate(src_parts), np.concatenate(dst_parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +292,7 @@ def _sorted_candidates(s: np.ndarray, eligible_mask, k: int) -> np.ndarray:
 def _filtered_candidates(s, graph, want, start, *, delta, excl):
     """At least `want` filtered candidates in score order (or all that survive): the filter is
     prefix-consistent (the greedy on a prefix of the order is a prefix of the greedy), so the
-    candidate window is doubled until enough survive."""
+    candidate window grows by the observed keep rate until enough survive."""
     ind, dist = _graph_arrays(graph)
     n = s.size
     mask = None
@@ -296,7 +306,9 @@ def _filtered_candidates(s, graph, want, start, *, delta, excl):
         kept, _ = _filter(cand, ind, dist, delta, excl)
         if kept.size >= want or k >= n_elig:
             return kept, k
-        k = min(2 * k, n_elig)
+        # grow the window by the observed keep rate (+10%), at least doubling the kept count's room
+        rate = max(kept.size, 1) / k
+        k = min(max(int(np.ceil(1.1 * want / rate)), k + 1), n_elig)
 
 
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
