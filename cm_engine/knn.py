@@ -468,7 +468,7 @@ def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist
     n, d = pool.shape
     kk = k + 1
     nlist = min(nlist or default_nlist(n), n)
-    nprobe = min(nprobe or 48, nlist)
+    nprobe = min(nprobe or 64, nlist)  # 48 gave recall 0.948 on CIFAR-10 (k=16), 64 gave 0.966
     train_per_cell = train_per_cell or 40
     niter = 10 if niter is None else niter
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2

@@ -1,0 +1,209 @@
+"""k-NN graph: exact backends against a float64 numpy reference (tie-aware), approximate recall
+floors, self-exclusion with duplicates, chunked == unchunked, bad input."""
+from __future__ import annotations
+
+import builtins
+
+import numpy as np
+import pytest
+import torch
+
+from cm_engine.knn import KNNGraph, exact_neighbors, knn_graph, recall_at_k
+from cm_engine.synthetic import PoolSpec, generate_block
+
+TOL = 1e-5  # float32 rounding of the distances; within it two distances count as a tie
+
+
+def reference(X, k, metric):
+    """Slow, obviously correct: full float64 distance matrix, self excluded, stable argsort."""
+    Y = np.asarray(X, dtype=np.float64)
+    if metric == "cosine":
+        nr = np.linalg.norm(Y, axis=1, keepdims=True)
+        Yn = np.where(nr > 0, Y / np.where(nr > 0, nr, 1), 0.0)  # zero rows: cos 0 with everything
+        D = 1.0 - Yn @ Yn.T
+    else:
+        D = np.sqrt(((Y[:, None, :] - Y[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(D, np.inf)
+    I = np.argsort(D, axis=1, kind="stable")[:, :k]
+    return I, np.take_along_axis(D, I, 1), D
+
+
+def assert_same_neighbours(g: KNNGraph, X, k, metric):
+    """Every row: the neighbour set equals the reference's up to ties at the k-th distance, the
+    reported distances match the float64 ones, rows ascending, self never listed."""
+    I, Dk, D = reference(X, k, metric)
+    n = len(X)
+    assert g.indices.shape == (n, k) and g.distances.shape == (n, k)
+    assert g.indices.dtype == np.int32 and g.distances.dtype == np.float32
+    assert (np.diff(g.distances, axis=1) >= 0).all()
+    assert (g.indices != np.arange(n)[:, None]).all()
+    for r in range(n):
+        got = g.indices[r]
+        assert len(set(got)) == k
+        true_d = D[r, got]
+        np.testing.assert_allclose(g.distances[r], true_d, atol=TOL, rtol=TOL)
+        kth = Dk[r, -1]
+        assert (true_d <= kth + TOL).all(), f"row {r}: a neighbour beyond the k-th distance"
+        strict = set(I[r][Dk[r] < kth - TOL])  # those not tied with the k-th must all be there
+        assert strict <= set(got), f"row {r}: missed {strict - set(got)}"
+
+
+def data(n=300, d=12, seed=0, dtype=np.float32):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(dtype)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_exact_matches_reference(backend, metric, dtype):
+    X = data(dtype=dtype)
+    g = knn_graph(X, k=7, metric=metric, backend=backend, exact=True, device="cpu")
+    assert g.metric == metric and g.k == 7 and g.n == len(X)
+    assert_same_neighbours(g, X, 7, metric)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_chunked_equals_unchunked(backend, metric):
+    X = data(n=400, d=8, seed=1)
+    big = knn_graph(X, k=5, metric=metric, backend=backend, exact=True)
+    tiny = knn_graph(X, k=5, metric=metric, backend=backend, exact=True, budget_bytes=4096)
+    np.testing.assert_array_equal(big.indices, tiny.indices)
+    np.testing.assert_allclose(big.distances, tiny.distances, atol=1e-6)
+
+
+def test_torch_reduced_precision_reranked_in_float32():
+    X = data(n=300, d=16, seed=2)
+    g = knn_graph(X, k=6, metric="l2", backend="torch", exact=True, compute_dtype="bfloat16")
+    assert_same_neighbours(g, X, 6, "l2")
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_duplicates_self_excluded(backend):
+    X = data(n=200, d=6, seed=3)
+    X[50:60] = X[50]  # ten exact copies: more than k + 1 at distance 0
+    X[100] = X[101]
+    g = knn_graph(X, k=4, metric="l2", backend=backend, exact=True)
+    assert (g.indices != np.arange(200)[:, None]).all()
+    assert set(g.indices[100]) >= {101} and g.distances[100, 0] == 0
+    assert (g.distances[50:60] == 0).all() and set(g.indices[50:60].ravel()) <= set(range(50, 60))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_zero_vectors_cosine_distance_one(backend):
+    X = data(n=100, d=5, seed=4)
+    X[[3, 7]] = 0
+    g = knn_graph(X, k=3, metric="cosine", backend=backend, exact=True)
+    assert_same_neighbours(g, X, 3, "cosine")
+    np.testing.assert_allclose(g.distances[3], 1.0, atol=1e-6)
+
+
+def clustered(n, d=32, seed=0):
+    spec = PoolSpec(n=n, d=d, n_clusters=max(10, n // 200), seed=seed)
+    return generate_block(spec, 0, n)[0]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_approximate_recall_floor(backend, metric):
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, metric=metric, backend="faiss", exact=True)
+    g = knn_graph(X, k=10, metric=metric, backend=backend, exact=False, seed=0)
+    rec = recall_at_k(g, exact)
+    print(f"recall@10 {backend} {metric}: {rec:.4f}")
+    assert rec >= 0.9
+    assert (g.indices != np.arange(len(X))[:, None]).all()
+    d = np.where(np.isinf(g.distances), np.float32(9e9), g.distances)
+    assert (np.diff(d, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_approximate_deterministic(backend):
+    X = clustered(3000)
+    a = knn_graph(X, k=5, backend=backend, exact=False, seed=3)
+    b = knn_graph(X, k=5, backend=backend, exact=False, seed=3)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_exact_neighbors_sample_and_recall_tie_aware():
+    X = data(n=300, d=10, seed=5)
+    full = knn_graph(X, k=5, exact=True, backend="torch")
+    rows = np.array([7, 3, 250])
+    sub = exact_neighbors(X, rows, k=5)
+    np.testing.assert_array_equal(sub.indices, full.indices[rows])
+    assert recall_at_k(full, sub, rows=rows) == 1.0
+    # A swap with a point at exactly the same distance is not a miss.
+    tie = KNNGraph(full.indices.copy(), full.distances.copy(), "cosine", 5)
+    tie.indices[0, -1] = 999_999
+    assert recall_at_k(tie, full) == 1.0
+    worse = KNNGraph(full.indices.copy(), full.distances.copy() + 1, "cosine", 5)
+    worse.indices[:, -1] = -1
+    assert recall_at_k(worse, full) == pytest.approx(0.8)
+
+
+def test_out_dir_memmaps_and_torch_input(tmp_path):
+    X = data(n=150, d=4, seed=6)
+    g = knn_graph(torch.from_numpy(X), k=3, out_dir=tmp_path, exact=True)
+    assert isinstance(g.indices, np.memmap)
+    np.testing.assert_array_equal(np.load(tmp_path / "indices.npy"), g.indices)
+    ref = knn_graph(X, k=3, exact=True)
+    np.testing.assert_array_equal(ref.indices, g.indices)
+
+
+@pytest.mark.parametrize("k", [0, -1, 50, 51])
+def test_bad_k(k):
+    with pytest.raises(ValueError, match="k: expected 1 <= k < N = 50"):
+        knn_graph(data(n=50), k=k)
+
+
+def test_bad_inputs():
+    X = data(n=50)
+    with pytest.raises(TypeError, match="k: expected an integer"):
+        knn_graph(X, k=2.5)
+    bad = X.copy()
+    bad[17, 2] = np.nan
+    with pytest.raises(ValueError, match="row 17"):
+        knn_graph(bad, k=3)
+    bad[17, 2] = np.inf
+    with pytest.raises(ValueError, match="finite"):
+        knn_graph(bad, k=3)
+    with pytest.raises(TypeError, match="floating dtype"):
+        knn_graph(X.astype(np.int32), k=3)
+    with pytest.raises(ValueError, match="metric"):
+        knn_graph(X, k=3, metric="dot")
+    with pytest.raises(ValueError, match="backend"):
+        knn_graph(X, k=3, backend="annoy")
+    with pytest.raises(ValueError, match="2-D"):
+        knn_graph(X[0], k=3)
+    with pytest.raises(TypeError, match="unexpected option"):
+        knn_graph(X, k=3, nprobes=4)
+
+
+def test_missing_faiss_names_package(monkeypatch):
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "faiss" or name.startswith("faiss."):
+            raise ImportError("No module named 'faiss'")
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match="pip install faiss-cpu"):
+        knn_graph(data(n=50), k=3, backend="faiss")
+    g = knn_graph(data(n=50), k=3, backend="auto", exact=True)  # falls back to torch
+    assert g.info["backend"] == "torch"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_cifar10_recall_defaults(data_dir):
+    path = data_dir / "cifar10" / "cifar10_effnetlite0_128px_f16.npz"
+    if not path.exists():
+        pytest.skip(f"{path} absent")
+    X = np.load(path)["X_train"]
+    g = knn_graph(X, k=16, exact=False)  # the defaults (approximate forced: N=50K is under the exact cut)
+    rows = np.sort(np.random.default_rng(0).choice(len(X), 1000, replace=False))
+    ex = exact_neighbors(X, rows, k=16)
+    rec = recall_at_k(g, ex, rows=rows)
+    print(f"CIFAR-10 recall@16 (default approximate, {g.info}): {rec:.4f}")
+    assert rec >= 0.95
