@@ -111,7 +111,7 @@ def test_approximate_recall_floor(backend, metric):
     g = knn_graph(X, k=10, metric=metric, backend=backend, exact=False, seed=0)
     rec = recall_at_k(g, exact)
     print(f"recall@10 {backend} {metric}: {rec:.4f}")
-    assert rec >= 0.9
+    assert rec >= 0.98  # measured 0.996-1.000 on this pool
     assert (g.indices != np.arange(len(X))[:, None]).all()
     d = np.where(np.isinf(g.distances), np.float32(9e9), g.distances)
     assert (np.diff(d, axis=1) >= 0).all()
