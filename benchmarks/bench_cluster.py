@@ -70,10 +70,10 @@ def _worker(args, job: dict) -> dict:
     """Run one side in a fresh interpreter; returns its JSON result (last stdout line)."""
     cmd = [sys.executable, __file__, "--_worker", json.dumps(job)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # stderr (progress, logs) passes through
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"worker {job['kind']} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        raise RuntimeError(f"worker {job['kind']} failed with exit code {p.returncode} (its log is above)")
     out = json.loads(p.stdout.strip().splitlines()[-1])
     out["process_wall_s"] = wall
     return out
@@ -279,6 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._worker:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s worker] %(message)s", stream=sys.stderr)
         print(json.dumps(_run_worker(json.loads(args._worker)), default=float))
         return 0
     import logging
