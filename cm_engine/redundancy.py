@@ -314,8 +314,8 @@ def _filtered_candidates(s, graph, want, start, *, delta, excl):
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
     """Margin selection without near-copies: the `budget` lowest-score points of the greedy filter
     (lowest margin first; a point within delta of an excluded/labeled point or of an earlier pick
-    is skipped). Returns int64 pool indices in ascending score order (fewer only if the whole
-    eligible pool runs out)."""
+    is skipped). Returns int64 [min(budget, eligible)] pool indices: the survivors in ascending
+    score order, then, if fewer than `budget` survive, the lowest-score remaining near-copies."""
     from .strategies import as_scores
 
     s = as_scores("scores", scores)
@@ -328,7 +328,22 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
     kept, _ = _filtered_candidates(s, graph, budget, 2 * budget, delta=delta, excl=excl)
-    return kept[:budget]
+    return _fill(kept[:budget], s, budget, excl)
+
+
+def _fill(picked, s, budget, excl):
+    """When fewer than `budget` points survive the filter (every remaining point is a near-copy),
+    the budget is still spent: the lowest-score eligible points not yet picked are appended."""
+    if picked.size >= budget:
+        return picked
+    mask = np.ones(s.size, dtype=np.bool_)
+    if excl is not None and excl.size:
+        mask[excl] = False
+    mask[picked] = False
+    rest = _sorted_candidates(s, mask, budget - picked.size)
+    log.info("near-duplicate filter: %d survivors for a budget of %d; %d near-copies appended in score order",
+             picked.size, budget, rest.size)
+    return np.concatenate([picked, rest])
 
 
 def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, delta=None, exclude=None, seed=0,
@@ -336,7 +351,8 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     """Cluster-Margin over filtered candidates: the k_m = round(km_ratio * budget) lowest-margin
     eligible points that survive `near_duplicate_filter` (in margin order, against `exclude` as the
     labeled set), then the round-robin over their clusters (`order`, `label_aware` as in
-    `cluster_margin`). Returns int64 [min(budget, survivors)] pool indices in visiting order."""
+    `cluster_margin`). Returns int64 [min(budget, eligible)] pool indices in visiting order; if
+    fewer than `budget` survive, the lowest-score remaining near-copies are appended."""
     from .sampler import ORDERS, _round_robin, as_generator
     from .strategies import as_scores
     from ._validate import as_labels
@@ -360,4 +376,5 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     kept, _ = _filtered_candidates(s, graph, km, km, delta=delta, excl=excl)
     kept = np.sort(kept[:km])
     lab = excl if (label_aware and excl is not None) else None
-    return _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
+    picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
+    return _fill(picked, s, budget, excl)

@@ -153,8 +153,14 @@ def test_filtered_margin_and_cluster_margin():
     assert not set(cm.tolist()) & set(excl.tolist())
     # budget 0, and a budget larger than the survivors
     assert filtered_margin(scores, (ind, dist), 0, delta=delta).size == 0
+    # a budget larger than the survivors: survivors first, then the rest in score order
     allkept = greedy_reference(np.argsort(scores, kind="stable"), ind, dist, delta, None)
-    np.testing.assert_array_equal(filtered_margin(scores, (ind, dist), n, delta=delta), allkept)
+    got = filtered_margin(scores, (ind, dist), n, delta=delta)
+    np.testing.assert_array_equal(got[:allkept.size], allkept)
+    rest = np.setdiff1d(np.arange(n), allkept)
+    np.testing.assert_array_equal(got[allkept.size:], rest[np.argsort(scores[rest], kind="stable")])
+    got = filtered_cluster_margin(scores, labels, (ind, dist), n - 40, km_ratio=1.0, delta=delta, exclude=excl)
+    assert np.unique(got).size == n - 40 and not set(got.tolist()) & set(excl.tolist())
 
 
 def test_bad_input():
