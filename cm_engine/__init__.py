@@ -1,6 +1,7 @@
 """cm-engine: Cluster-Margin batch active learning at the scale of millions of points.
 
-Pipeline (one module per stage): pool -> knn -> hac -> cluster (cached) -> margin -> sampler -> strategies.
+Pipeline (one module per stage): pool -> knn -> hac -> cluster (cached) -> margin -> sampler -> strategies;
+baselines, redundancy (near-duplicate filter) and selector (training-loop state) sit beside them.
 Public names are imported lazily so that `import cm_engine` stays cheap.
 """
 from __future__ import annotations
@@ -17,6 +18,13 @@ _EXPORTS = {
     "knn_graph": "knn", "KNNGraph": "knn",
     "graph_hac": "hac",
     "cluster": "cluster", "Clustering": "cluster",
+    "hac_merges": "hac", "cut": "hac", "epsilon_for_mean_size": "hac", "Merges": "hac",
+    "recall_at_k": "knn",
+    "ClusterMarginSelector": "selector", "Selector": "selector",
+    "random_select": "baselines", "uncertainty_select": "baselines", "coreset_select": "baselines",
+    "badge_select": "baselines", "partitioned": "baselines",
+    "near_duplicate_filter": "redundancy", "redundancy_report": "redundancy", "auto_delta": "redundancy",
+    "filtered_margin": "redundancy", "filtered_cluster_margin": "redundancy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

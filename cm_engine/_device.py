@@ -64,7 +64,18 @@ def log_memory_estimate(stage: str, nbytes: int) -> None:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ru_maxrss is KiB)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    Reads VmHWM from /proc (Linux): ru_maxrss is inherited across fork+exec, so a child
+    would report its parent's peak. Falls back to ru_maxrss elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
