@@ -27,13 +27,12 @@ from typing import Callable
 import numpy as np
 
 from ._device import peak_rss_bytes
-from ._validate import check_choice, check_float, check_int, check_ndim, check_nonempty
+from ._validate import check_float
+from .knn import check_graph_args
 from .pool import Pool
 
 log = logging.getLogger("cm_engine")
 
-METRICS = ("cosine", "l2")
-BACKENDS = ("auto", "faiss", "torch")
 
 
 @dataclass(frozen=True)
@@ -149,16 +148,7 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
     t_start = time.perf_counter()
     eps, target = _check_cut_args(epsilon, target_mean_size)
     pool = Pool(embeddings, name="embeddings")
-    check_ndim("embeddings", pool.shape, 2)
-    check_nonempty("embeddings", pool.n)
-    k = check_int("k", k, min=1)
-    if k >= pool.n:
-        raise ValueError(f"k: expected 1 <= k < N = {pool.n} (the number of rows of embeddings), got {k}")
-    check_choice("metric", metric, METRICS)
-    check_choice("backend", backend, BACKENDS)
-    if exact is not None and not isinstance(exact, (bool, np.bool_)):
-        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
-    seed = check_int("seed", seed, min=0)
+    k, seed = check_graph_args(pool, k=k, metric=metric, backend=backend, exact=exact, seed=seed)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress: expected a callable or None, got {type(progress).__name__}")
     from .hac import HACParams, Merges, hac_merges

@@ -104,6 +104,26 @@ def _faiss_gpus(faiss) -> int:
 
 # ----------------------------------------------------------------------------- public API
 
+def check_graph_args(pool: Pool, *, k, metric, backend, exact, seed) -> tuple[int, int]:
+    """Validate the graph arguments against an opened pool; returns (k, seed) as ints.
+
+    Shared with `cluster`, which checks them before it touches the cache.
+    """
+    check_ndim("embeddings", pool.shape, 2)
+    check_nonempty("embeddings", pool.n)
+    n, d = pool.shape
+    if d < 1:
+        raise ValueError(f"embeddings: expected at least one column, got shape {pool.shape}")
+    k = check_int("k", k)
+    if not 1 <= k < n:
+        raise ValueError(f"k: expected 1 <= k < N = {n} (the number of rows of embeddings), got {k}")
+    check_choice("metric", metric, METRICS)
+    check_choice("backend", backend, BACKENDS)
+    if exact is not None and not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
+    return k, check_int("seed", seed, min=0)
+
+
 def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "auto", device="auto",
               exact: bool | None = None, seed: int = 0, budget_bytes: int | None = None,
               out_dir=None, progress: Callable[[int], None] | None = None,
@@ -126,20 +146,9 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
     Returns a KNNGraph with indices [N, k] (int32 if N < 2**31) and distances [N, k] float32.
     """
     pool = Pool(embeddings, name="embeddings")
-    check_ndim("embeddings", pool.shape, 2)
-    check_nonempty("embeddings", pool.n)
     _check_float_dtype(pool)
+    k, seed = check_graph_args(pool, k=k, metric=metric, backend=backend, exact=exact, seed=seed)
     n, d = pool.shape
-    if d < 1:
-        raise ValueError(f"embeddings: expected at least one column, got shape {pool.shape}")
-    k = check_int("k", k)
-    if not 1 <= k < n:
-        raise ValueError(f"k: expected 1 <= k < N = {n} (the number of rows of embeddings), got {k}")
-    check_choice("metric", metric, METRICS)
-    check_choice("backend", backend, BACKENDS)
-    if exact is not None and not isinstance(exact, (bool, np.bool_)):
-        raise TypeError(f"exact: expected True, False or None, got {exact!r}")
-    seed = check_int("seed", seed, min=0)
     dev = resolve_device(device)
     budget = _budget_bytes(budget_bytes)
     if progress is not None and not callable(progress):
