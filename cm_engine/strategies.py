@@ -105,7 +105,7 @@ def _lowest_positions(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def cluster_margin(scores, labels, budget, *, km_ratio=10.0, exclude=None, seed=0, order="smallest",
-                   label_aware=False) -> np.ndarray:
+                   label_aware=False, dedup_graph=None, delta=None) -> np.ndarray:
     """Cluster-Margin selection: round-robin over the clusters of the k_m lowest-margin eligible points.
 
     scores:   float [N] margins (lower = more uncertain), numpy/torch/memmap/.npy path; finite.
@@ -120,6 +120,10 @@ def cluster_margin(scores, labels, budget, *, km_ratio=10.0, exclude=None, seed=
               "largest" or "random".
     label_aware: visit first the clusters that hold no excluded point (`exclude` is the labeled set);
               see `round_robin(labeled=...)`.
+    dedup_graph: optional k-NN graph of the pool (KNNGraph or (indices, distances)); when given,
+              the candidates first pass the near-duplicate filter (`redundancy.filtered_cluster_margin`:
+              drop candidates within `delta` of a labeled or earlier-kept point; delta=None picks
+              it from the graph with `redundancy.auto_delta`).
 
     Candidates: the k_m lowest scores among the points not in `exclude`; ties at the k_m-th value
     go to the lowest pool indices. The candidates enter the round-robin sorted by pool index, so the
@@ -137,6 +141,13 @@ def cluster_margin(scores, labels, budget, *, km_ratio=10.0, exclude=None, seed=
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
     if not isinstance(label_aware, (bool, np.bool_)):
         raise TypeError(f"label_aware: expected a bool, got {type(label_aware).__name__}")
+    if dedup_graph is not None:
+        from .redundancy import filtered_cluster_margin  # redundancy imports this module
+
+        return filtered_cluster_margin(s, labels, dedup_graph, budget, km_ratio=km_ratio, delta=delta,
+                                       exclude=exclude, seed=seed, order=order, label_aware=label_aware)
+    if delta is not None:
+        raise ValueError(f"delta: applies only with dedup_graph, got delta={delta!r} and dedup_graph=None")
     rng = as_generator(seed)
     excl = None
     if exclude is not None:

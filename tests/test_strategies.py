@@ -138,3 +138,26 @@ def test_label_aware_visits_unlabeled_clusters_first():
 def test_bad_input_names_the_argument(args, kwargs, exc, name):
     with pytest.raises(exc, match=rf"^{name}: expected"):
         cluster_margin(*args, **kwargs)
+
+
+def test_cluster_margin_dedup_option_is_the_filtered_selection():
+    from cm_engine.redundancy import filtered_cluster_margin
+
+    rng = np.random.default_rng(5)
+    n, k = 400, 6
+    x = rng.normal(size=(n // 2, 4))
+    x = np.concatenate([x, x + 1e-4 * rng.normal(size=x.shape)])  # every point has a near-copy
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    ind = np.argsort(d, axis=1)[:, :k]
+    graph = (ind, np.take_along_axis(d, ind, 1).astype(np.float32))
+    scores = rng.random(n)
+    labels = rng.integers(0, 30, size=n)
+    kw = dict(km_ratio=3, exclude=np.arange(0, 40), seed=2, delta=0.01)
+    got = cluster_margin(scores, labels, 50, dedup_graph=graph, **kw)
+    np.testing.assert_array_equal(got, filtered_cluster_margin(scores, labels, graph, 50, **kw))
+    # no two picks are near-copies of each other, unlike the unfiltered selection on this pool
+    pairs = d[np.ix_(got, got)] <= 0.01
+    assert not pairs.any()
+    with pytest.raises(ValueError, match="delta"):
+        cluster_margin(scores, labels, 50, delta=0.01)
