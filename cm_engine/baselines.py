@@ -61,6 +61,18 @@ def _eligible(n: int, exclude) -> tuple[np.ndarray, np.ndarray]:
     return excl, np.flatnonzero(keep)
 
 
+def _check_run_options(partitions, kernel, progress, seed, device):
+    """Checks shared by CoreSet and BADGE; returns (partitions, Generator, torch.device)."""
+    partitions = check_int("partitions", partitions, min=1)
+    check_choice("kernel", kernel, ("auto", "numba", "torch"))
+    _check_progress(progress)
+    rng = as_generator(seed)
+    dev = resolve_device(device)
+    if kernel == "numba" and dev.type != "cpu":
+        raise ValueError(f"kernel: 'numba' runs on the CPU, got device {str(dev)!r}")
+    return partitions, rng, dev
+
+
 def _check_progress(progress):
     if progress is not None and not callable(progress):
         raise TypeError(f"progress: expected a callable or None, got {type(progress).__name__}")
@@ -677,13 +689,7 @@ def coreset_select(embeddings, budget, *, exclude=None, metric="l2", device="aut
     check_nonempty("embeddings", pool.n)
     budget = check_int("budget", budget, min=0)
     check_choice("metric", metric, METRICS)
-    partitions = check_int("partitions", partitions, min=1)
-    check_choice("kernel", kernel, ("auto", "numba", "torch"))
-    _check_progress(progress)
-    rng = as_generator(seed)
-    dev = resolve_device(device)
-    if kernel == "numba" and dev.type != "cpu":
-        raise ValueError(f"kernel: 'numba' runs on the CPU, got device {str(dev)!r}")
+    partitions, rng, dev = _check_run_options(partitions, kernel, progress, seed, device)
     excl, elig = _eligible(pool.n, exclude)
     if partitions > 1:
         def one(idx, b, *, seed, exclude):
@@ -785,13 +791,7 @@ def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True,
     check_length("outputs", out.n, emb.n, "embeddings")
     budget = check_int("budget", budget, min=0)
     from_logits = _check_bool("from_logits", from_logits)
-    partitions = check_int("partitions", partitions, min=1)
-    check_choice("kernel", kernel, ("auto", "numba", "torch"))
-    _check_progress(progress)
-    rng = as_generator(seed)
-    dev = resolve_device(device)
-    if kernel == "numba" and dev.type != "cpu":
-        raise ValueError(f"kernel: 'numba' runs on the CPU, got device {str(dev)!r}")
+    partitions, rng, dev = _check_run_options(partitions, kernel, progress, seed, device)
     excl, elig = _eligible(emb.n, exclude)
     if partitions > 1:
         def one(idx, b, *, seed, exclude):

@@ -94,6 +94,9 @@ def _numba_kernels():
 
 if numba is not None:
     # Bit casts between same-width ints and floats (numba has no scalar view).
+    def _bitcast(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(signature.return_type))
+
     @intrinsic
     def _f2i(typingctx, x):
         if x == types.float32:
@@ -103,10 +106,7 @@ if numba is not None:
         else:
             return None
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(signature.return_type))
-
-        return sig, codegen
+        return sig, _bitcast
 
     @intrinsic
     def _i2f(typingctx, x):
@@ -117,10 +117,7 @@ if numba is not None:
         else:
             return None
 
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], context.get_value_type(signature.return_type))
-
-        return sig, codegen
+        return sig, _bitcast
 
     # No nnan/ninf: the finite checks must survive the optimiser. reassoc lets the sums
     # vectorise; contract gives FMAs in the polynomials.
