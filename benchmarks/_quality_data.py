@@ -98,12 +98,12 @@ def pca(X_pool, X_test, dim=128):
     return np.ascontiguousarray(xc @ w), np.ascontiguousarray((X_test - mu) @ w)
 
 
-_CACHE = Path(os.environ.get("CM_QUALITY_CACHE", "/tmp/cm_quality_cache"))
+CACHE = Path(os.environ.get("CM_QUALITY_CACHE", "/tmp/cm_quality_cache"))
 
 
 def dataset(name, variant, *, data=None, pool_size=None, dim=128):
     """(X_pool, y_pool, X_test, y_test, group) with PCA-`dim` features; group = copy group (or arange)."""
-    key = _CACHE / f"{name}_{variant}_{pool_size}_{dim}.npz"
+    key = CACHE / f"{name}_{variant}_{pool_size}_{dim}.npz"
     if key.exists():
         z = np.load(key)
         return z["X"], z["y"], z["Xt"], z["yt"], z["g"]
@@ -116,6 +116,6 @@ def dataset(name, variant, *, data=None, pool_size=None, dim=128):
         X, y, g = make_redundant(X, y)
     else:
         g = np.arange(X.shape[0])
-    _CACHE.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(key, X=X, y=y, Xt=Xt, yt=yt, g=g)
     return X, y, Xt, yt, g

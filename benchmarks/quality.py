@@ -11,10 +11,15 @@ per pool (engine: cm_engine.cluster, k=16 cosine, target mean size 10, recut to 
 linkage over all pairs (fastcluster/scipy, cosine) cut at the same mean size) and reused.
 
     python benchmarks/quality.py --quick                      # CI-size smoke run
-    python benchmarks/quality.py --datasets banking77 --variants clean redundant
+    python benchmarks/quality.py --datasets banking77 --variants clean redundant --batch-frac 0.05 0.10
+    python benchmarks/quality.py --datasets cifar10 --strategies cm_1.25 cm_10 --merge   # add/replace strategies
     python benchmarks/quality.py --summarize                  # tables -> docs/quality.md + summary JSON
 
-Results: benchmarks/results/quality_<dataset>_<variant>.json and .png (accuracy vs labels).
+Results: benchmarks/results/quality_<dataset>_<variant><suffix>.json and .png (accuracy vs labels); suffix
+"" for 10% batches, "_b5" for 5% (in general "_b<percent>"), then --tag. Every batch fraction of a pool runs
+in the same process on the same prepared pool (one clustering). --merge keeps the runs of the strategies
+not re-run from the existing file when its pool and protocol match (same seed sets: the seed set depends on
+the seed only, so strategies run in different processes are paired).
 """
 from __future__ import annotations
 
@@ -102,6 +107,28 @@ def cut_linkage(Z, target_mean_size):
     return np.unique(lab, return_inverse=True)[1].astype(np.int64), eps
 
 
+def _sha(a) -> str:
+    import hashlib
+
+    return hashlib.sha1(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def _source_sha() -> str:
+    """Hash of cm_engine/hac.py + cluster.py as run (the working tree is shared: uncommitted edits count)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in ("hac.py", "cluster.py"):
+        h.update((HERE.parent / "cm_engine" / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def batch_suffix(batch_frac) -> str:
+    """"" for the 10% batches (the historical file names), "_b5" for 5%, "_b<percent>" in general."""
+    pct = round(100 * batch_frac, 6)
+    return "" if pct == 10 else "_b" + (f"{pct:g}".replace(".", "p"))
+
+
 def prepare_pool(name, variant, args):
     """Features, test set, clusterings (engine + exact), the k-NN graph and auto delta: once per pool."""
     from sklearn.metrics import adjusted_rand_score
@@ -118,14 +145,22 @@ def prepare_pool(name, variant, args):
     info["engine_cluster_s"] = time.perf_counter() - t
     fine = cl.recut(target_mean_size=FINE_SIZE)
     t = time.perf_counter()
-    n_pairs_bytes = X.shape[0] * (X.shape[0] - 1) // 2 * 8 * 2  # condensed distances + working copy
-    if n_pairs_bytes > 1.5 * 2**30:
-        with _BigLock():
-            Z = exact_linkage(X)
+    # The exact clustering depends on the pool only (not on cm_engine): cached next to the pool.
+    key = D.CACHE / f"{name}_{variant}_{args.pool_size}_exact_mean{MEAN_SIZE}.npz"
+    if key.exists():
+        z = np.load(key)
+        ex_labels, ex_eps = z["labels"], float(z["eps"])
+        info["exact_cluster_cached"] = True
     else:
-        Z = exact_linkage(X)
-    ex_labels, ex_eps = cut_linkage(Z, MEAN_SIZE)
-    del Z
+        n_pairs_bytes = X.shape[0] * (X.shape[0] - 1) // 2 * 8 * 2  # condensed distances + working copy
+        if n_pairs_bytes > 1.5 * 2**30:
+            with _BigLock():
+                Z = exact_linkage(X)
+        else:
+            Z = exact_linkage(X)
+        ex_labels, ex_eps = cut_linkage(Z, MEAN_SIZE)
+        del Z
+        np.savez(key, labels=ex_labels, eps=ex_eps)
     info["exact_cluster_s"] = time.perf_counter() - t
     t = time.perf_counter()
     graph = knn_graph(X, k=K, metric="cosine")
@@ -134,7 +169,8 @@ def prepare_pool(name, variant, args):
     info.update(engine_n_clusters=int(cl.n_clusters), engine_epsilon=float(cl.epsilon),
                 engine_fine_n_clusters=int(fine.n_clusters), exact_n_clusters=int(ex_labels.max()) + 1,
                 exact_epsilon=ex_eps, ari_engine_vs_exact=float(adjusted_rand_score(ex_labels, cl.labels)),
-                delta=float(delta))
+                delta=float(delta), engine_labels_sha=_sha(cl.labels), engine_fine_labels_sha=_sha(fine.labels),
+                exact_labels_sha=_sha(ex_labels), hac_source_sha=_source_sha())
     if variant == "redundant":
         info["ari_engine_vs_copy_groups_g4"] = float(adjusted_rand_score(g, fine.labels))
         same = g[np.asarray(graph.indices)] == g[:, None]
@@ -143,6 +179,35 @@ def prepare_pool(name, variant, args):
         info["delta_noncopy_edges_caught"] = float((dd[~same] <= delta).mean())
     return dict(X=X, y=y, Xt=Xt, yt=yt, g=g, labels=cl.labels, labels_fine=fine.labels, labels_exact=ex_labels,
                 graph=graph, delta=delta, info=info)
+
+
+ENGINE_STRATEGIES = {s for s in STRATEGIES if s.startswith("cm_")}
+
+
+def check_engine(args):
+    """Recompute the engine clustering of every result file's pool with the code as it is now and compare
+    label hashes with the ones its engine strategies ran with. Selection is deterministic given the
+    clustering, so equal hashes mean the engine strategies' results stand; prints the files to re-run."""
+    from cm_engine.cluster import cluster
+
+    stale = []
+    for path in sorted(RESULTS.glob("quality_*.json")):
+        r = json.loads(path.read_text())
+        if r.get("benchmark") != "quality" or r["quick"] != args.quick:
+            continue
+        X = D.dataset(r["dataset"], r["variant"], data=args.data, pool_size=args.pool_size)[0]
+        if X.shape[0] != r["pool"]["n_pool"]:
+            continue
+        cl = cluster(X, target_mean_size=MEAN_SIZE, k=K, metric="cosine")
+        now = {"engine_labels_sha": _sha(cl.labels), "engine_fine_labels_sha": _sha(cl.recut(
+            target_mean_size=FINE_SIZE).labels)}
+        bad = [s for s, p in r.get("strategy_pool", {}).items() if s in ENGINE_STRATEGIES
+               and any(p.get(k) != v for k, v in now.items())]
+        print(f"{path.name}: {'STALE ' + ' '.join(bad) if bad else 'engine strategies current'} "
+              f"(now {now['engine_labels_sha']})", flush=True)
+        if bad:
+            stale.append(path.name)
+    return stale
 
 
 def select(strategy, P, model, Xs, labeled, budget, seed):
@@ -187,22 +252,29 @@ def select(strategy, P, model, Xs, labeled, budget, seed):
 
 
 def run_pool(name, variant, args):
-    import torch
+    P = prepare_pool(name, variant, args)
+    log.info("%s/%s prepared: %s", name, variant, json.dumps(P["info"]))
+    for bf in args.batch_frac:
+        run_protocol(name, variant, args, P, bf)
 
+
+def run_protocol(name, variant, args, P, batch_frac):
     from cm_engine.redundancy import redundancy_report
 
-    P = prepare_pool(name, variant, args)
     info = P["info"]
-    log.info("%s/%s prepared: %s", name, variant, json.dumps(info))
     std = H.standardizer(P["X"])
     Xs, Xts = std(P["X"]), std(P["Xt"])
     y, yt, C = P["y"], P["yt"], info["n_classes"]
     n = Xs.shape[0]
     seed_n = max(C if args.quick else 1, int(round(args.seed_frac * n)))
-    budget = int(round(args.batch_frac * n))
+    budget = int(round(batch_frac * n))
     strategies = [s for s in args.strategies if variant == "redundant" or s not in REDUNDANT_ONLY]
     runs = {s: [] for s in strategies}
     red_delta = P["delta"]
+    kept = _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies)
+    fits = {}  # (seed, hash of the sorted labeled set) -> (model, acc): training is deterministic, and
+    # strategies often label the same set (the filter on a clean pool with delta 0 is plain margin; km-10
+    # orders agree in round 1), so an identical set is trained once
     for seed in range(args.seeds):
         rng = np.random.default_rng(1000 + seed)
         seed_set = rng.choice(n, seed_n, replace=False)
@@ -230,25 +302,57 @@ def run_pool(name, variant, args):
                     rec.setdefault("true_copy_in_batch", []).append(float((cnt[inv] > 1).mean()))
                 labeled = np.concatenate([labeled, pick])
                 t0 = time.perf_counter()
-                model = H.train(Xs[labeled], y[labeled], C)
+                fk = (seed, _sha(np.sort(labeled)))
+                if fk not in fits:
+                    m = H.train(Xs[labeled], y[labeled], C)
+                    fits[fk] = (m, H.accuracy(m, Xts, yt))
+                model, acc = fits[fk]
                 rec["train_s"].append(time.perf_counter() - t0)
                 rec["labels"].append(int(labeled.size))
-                rec["acc"].append(H.accuracy(model, Xts, yt))
+                rec["acc"].append(acc)
             runs[s].append(rec)
-            log.info("%s/%s seed %d %-20s acc %s sel %.2fs", name, variant, seed, s,
+            log.info("%s/%s b%g seed %d %-20s acc %s sel %.2fs", name, variant, batch_frac, seed, s,
                      " ".join(f"{a:.3f}" for a in rec["acc"]), float(np.mean(rec["select_s"])))
-        log.info("%s/%s seed %d done in %.0fs", name, variant, seed, time.perf_counter() - t)
-        _write(name, variant, args, P, runs, strategies, seed_n, budget, seeds_done=seed + 1)
+        log.info("%s/%s b%g seed %d done in %.0fs", name, variant, batch_frac, seed, time.perf_counter() - t)
+        merged = {**runs, **{k: v for k, v in kept.items() if k not in runs}}
+        _write(name, variant, args, P, merged, list(merged), seed_n, budget, batch_frac, seeds_done=seed + 1)
 
 
-def _write(name, variant, args, P, runs, strategies, seed_n, budget, *, seeds_done):
+def _result_path(name, variant, args, batch_frac):
+    return RESULTS / (f"quality_{name}_{variant}" + batch_suffix(batch_frac) + args.tag
+                      + ("_quick" if args.quick else "") + ".json")
+
+
+def _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies):
+    """With --merge: the existing file's runs of strategies not re-run now, if its pool/protocol match."""
+    path = _result_path(name, variant, args, batch_frac)
+    if not args.merge or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    pr, p = old["protocol"], old["pool"]
+    same = (pr["seed_set"] == seed_n and pr["budget"] == budget and pr["rounds"] == args.rounds
+            and p["n_pool"] == info["n_pool"] and p["n_classes"] == info["n_classes"])
+    if not same:
+        raise SystemExit(f"--merge: {path} has another pool/protocol (seed set {pr['seed_set']}, budget "
+                         f"{pr['budget']}, rounds {pr['rounds']}, pool {p['n_pool']}); expected {seed_n}, "
+                         f"{budget}, {args.rounds}, {info['n_pool']}")
+    kept = {s: r for s, r in old["runs"].items() if s not in strategies}
+    # which clustering each kept engine strategy ran with (so a later HAC change is visible)
+    _KEPT_POOL_INFO[str(path)] = {s: old.get("strategy_pool", {}).get(s, old["pool"]) for s in kept}
+    return kept
+
+
+_KEPT_POOL_INFO: dict = {}
+
+
+def _write(name, variant, args, P, runs, strategies, seed_n, budget, batch_frac, *, seeds_done):
     """Results so far (written after every seed, so a cut-short run still leaves its finished seeds)."""
     import torch
 
     info = P["info"]
     out = {"benchmark": "quality", "dataset": name, "variant": variant, "quick": args.quick,
-           "protocol": {"seed_frac": args.seed_frac, "batch_frac": args.batch_frac, "rounds": args.rounds,
-                        "seeds": seeds_done, "seeds_planned": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
+           "protocol": {"seed_frac": args.seed_frac, "batch_frac": batch_frac, "rounds": args.rounds,
+                        "seeds": min(len(v) for v in runs.values()), "seeds_planned": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
                         "dataset's embeddings (Fashion-MNIST: PCA-128 of pixels/255), fitted on unlabeled data",
                         "head": f"multinomial logistic regression, standardized features, L-BFGS max_iter "
                         f"{H.MAX_ITER}, L2 {H.LAMBDA}", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
@@ -256,10 +360,23 @@ def _write(name, variant, args, P, runs, strategies, seed_n, budget, *, seeds_do
            "summary": summarize_runs(runs), "machine": machine_info(), "git_commit": git_commit(),
            "peak_rss_bytes": peak_rss_bytes(), "time_utc": utc_now(),
            "notes": SHARED_MACHINE_NOTE + "; torch threads " + str(torch.get_num_threads())}
-    tag = f"{name}_{variant}" + ("_quick" if args.quick else "")
-    write_json(RESULTS / f"quality_{tag}.json", out)
-    plot(out, RESULTS / f"quality_{tag}.png")
+    path = _result_path(name, variant, args, batch_frac)
+    kept_info = _KEPT_POOL_INFO.get(str(path), {})
+    # per strategy: the pool record (clustering hashes, HAC source hash) of the process that ran it
+    out["strategy_pool"] = {s: kept_info.get(s, info) for s in runs}
+    out["commands"] = sorted(set(_old_commands(path) + [" ".join(["python"] + sys.argv)]))
+    write_json(path, out)
+    plot(out, path.with_suffix(".png"))
     return out
+
+
+def _old_commands(path):
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text()).get("commands", [])
+    except ValueError:
+        return []
 
 
 def _interp_labels(labels, acc, target):
@@ -299,7 +416,27 @@ def summarize_runs(runs):
             d["labels_to_random_final"] = need
             d["label_savings"] = None if need is None else float(1 - need / labels[-1])
         out[s] = d
+    for s in list(out):
+        if s.startswith("exact_") and s[6:] in runs:  # engine minus exact, paired by seed (same seed set)
+            out[s[6:]]["paired_vs_exact"] = paired_diff(runs[s[6:]], runs[s])
+    for base in ("margin", "random"):
+        if base in runs:
+            for s in out:
+                if s != base:
+                    out[s][f"paired_vs_{base}"] = paired_diff(runs[s], runs[base])
     return out
+
+
+def paired_diff(a_recs, b_recs):
+    """Mean over seeds of (mean acc over rounds of a - of b), with its SE, on the seeds both ran."""
+    a = {r["seed"]: np.mean(r["acc"][1:]) for r in a_recs}
+    b = {r["seed"]: np.mean(r["acc"][1:]) for r in b_recs}
+    common = sorted(set(a) & set(b))
+    d = np.array([a[k] - b[k] for k in common])
+    if d.size == 0:
+        return None
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
+    return {"diff": float(d.mean()), "se": se, "seeds": len(common)}
 
 
 def plot(res, path):
@@ -337,11 +474,15 @@ def main(argv=None):
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--batch-frac", type=float, default=0.10)
+    ap.add_argument("--batch-frac", type=float, nargs="+", default=[0.10], help="one or more batch fractions")
     ap.add_argument("--seed-frac", type=float, default=0.01)
     ap.add_argument("--pool-size", type=int, default=None, help="override every pool size")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tag", default="", help="extra result-file suffix (e.g. _timing; tagged files are not reported)")
+    ap.add_argument("--merge", action="store_true", help="keep the existing file's runs of other strategies")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2K pools, 2 seeds, 2 rounds")
+    ap.add_argument("--check-engine", action="store_true", help="only compare the result files' engine "
+                    "clusterings with the current code's (see check_engine)")
     ap.add_argument("--summarize", action="store_true", help="only write docs/quality.md and the summary JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -349,6 +490,9 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.check_engine:
+        check_engine(args)
+        return
     if args.summarize:
         from _quality_report import write_report
 
