@@ -18,7 +18,7 @@ fused heap top-k is several times faster than torch, whose CPU ``topk`` over wid
 matrices dominates the time; so the CPU uses FAISS when it is installed and torch otherwise.
 On CUDA, FAISS is used when the installed build has GPU support (``faiss.get_num_gpus() > 0``),
 else torch, whose tiled kernels run at matrix-product speed on the card.
-``exact=None`` chooses exact search for small pools (N <= 200,000 on the CPU, N <= 1,000,000 on
+``exact=None`` chooses exact search for small pools (N <= 20,000 on the CPU, N <= 1,000,000 on
 a GPU) and approximate search above.
 
 Metrics: ``"cosine"`` is 1 - cos(a, b); ``"l2"`` is the Euclidean distance (not squared).
@@ -53,7 +53,7 @@ METRICS = ("cosine", "l2")
 BACKENDS = ("auto", "faiss", "torch")
 #: Largest pool searched exactly when ``exact=None`` (CPU, GPU). Above it the approximate
 #: search is faster by orders of magnitude at recall >= 0.95.
-EXACT_MAX_N = {"cpu": 200_000, "cuda": 1_000_000}
+EXACT_MAX_N = {"cpu": 20_000, "cuda": 1_000_000}
 
 
 @dataclass
@@ -141,7 +141,10 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
     backend_options (approximate): nlist (cells), nprobe (cells probed), train_per_cell
       (sample rows per cell for k-means), niter (k-means iterations), index ("auto" | "flat" |
       "sq16" | "sq8": how FAISS stores the pool), memory_limit_bytes (when the float32 pool is
-      larger, FAISS stores it compressed); (torch) compute_dtype ("float32" | "float16" |
+      larger, FAISS stores it compressed); (faiss) when nprobe is not given it is tuned: the
+      smallest nprobe whose recall@k on `tune_rows` sample rows (default 1000; their exact
+      neighbours are found during the index's add pass) is at least `target_recall` (default 0.95)
+      with two standard errors to spare; (torch) compute_dtype ("float32" | "float16" |
       "bfloat16"; final distances are always recomputed in float32).
     Returns a KNNGraph with indices [N, k] (int32 if N < 2**31) and distances [N, k] float32.
     """
@@ -230,16 +233,29 @@ def recall_at_k(approx: KNNGraph, exact: KNNGraph, *, rows=None, tol: float = 1e
         raise TypeError("recall_at_k: expected two KNNGraph objects")
     if approx.metric != exact.metric:
         raise ValueError(f"exact: expected metric {approx.metric!r} (that of approx), got {exact.metric!r}")
+    return float(_recall_rows(approx, exact, rows=rows, tol=tol).mean())
+
+
+def _recall_rows(approx: KNNGraph, exact: KNNGraph, *, rows=None, tol: float = 1e-6) -> np.ndarray:
+    """Per-row recall [m] float64 (see `recall_at_k`), in row blocks: memory O(block * k * k)."""
     k = min(approx.k, exact.k)
-    ai = np.asarray(approx.indices[:, :k] if rows is None else approx.indices[np.asarray(rows)][:, :k])
-    ad = np.asarray(approx.distances[:, :k] if rows is None else approx.distances[np.asarray(rows)][:, :k])
-    if ai.shape[0] != exact.n:
-        raise ValueError(f"rows: expected {exact.n} rows (those of exact), got {ai.shape[0]}")
-    kth = np.asarray(exact.distances[:, k - 1], dtype=np.float64)[:, None]
-    ok = (ai >= 0) & (ad.astype(np.float64) <= kth + tol * np.maximum(1.0, np.abs(kth)))
-    # Neighbours found that are in the exact list count even if their distance disagrees slightly.
-    ok |= (ai[:, :, None] == np.asarray(exact.indices[:, :k])[:, None, :]).any(-1) & (ai >= 0)
-    return float(np.minimum(ok.sum(1), k).sum() / (ai.shape[0] * k))
+    rows = None if rows is None else np.asarray(rows)
+    m = approx.n if rows is None else rows.size
+    if m != exact.n:
+        raise ValueError(f"rows: expected {exact.n} rows (those of exact), got {m}")
+    out = np.empty(m, np.float64)
+    step = max(1, 2**22 // (k * k))
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        sel = slice(s, e) if rows is None else rows[s:e]
+        ai = np.asarray(approx.indices[sel][:, :k])
+        ad = np.asarray(approx.distances[sel][:, :k], dtype=np.float64)
+        kth = np.asarray(exact.distances[s:e, k - 1], dtype=np.float64)[:, None]
+        ok = (ai >= 0) & (ad <= kth + tol * np.maximum(1.0, np.abs(kth)))
+        # Neighbours found that are in the exact list count even if their distance disagrees slightly.
+        ok |= (ai[:, :, None] == np.asarray(exact.indices[s:e, :k])[:, None, :]).any(-1) & (ai >= 0)
+        out[s:e] = np.minimum(ok.sum(1), k) / k
+    return out
 
 
 # ----------------------------------------------------------------------------- validation
@@ -262,7 +278,15 @@ _OPTION_CHECKS = {
     "index": lambda v: check_choice("index", v, ("auto", "flat", "sq16", "sq8")),
     "memory_limit_bytes": lambda v: check_int("memory_limit_bytes", v, min=1),
     "compute_dtype": lambda v: check_choice("compute_dtype", v, (None, "float32", "float16", "bfloat16")),
+    "target_recall": lambda v: _check_fraction("target_recall", v),
+    "tune_rows": lambda v: check_int("tune_rows", v, min=2),
 }
+
+
+def _check_fraction(name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 < float(v) <= 1:
+        raise ValueError(f"{name}: expected a number in (0, 1], got {v!r}")
+    return float(v)
 
 
 def _check_options(opts: dict) -> dict:
@@ -471,15 +495,20 @@ def default_nlist(n: int) -> int:
 
 
 def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist=None, nprobe=None,
-               train_per_cell=None, niter=None, index="auto", memory_limit_bytes=None, compute_dtype=None):
-    """IVF search of every row against an IVF index of the pool (self-join through FAISS)."""
+               train_per_cell=None, niter=None, index="auto", memory_limit_bytes=None, compute_dtype=None,
+               target_recall=None, tune_rows=None):
+    """IVF search of every row against an IVF index of the pool (self-join through FAISS).
+
+    nprobe=None tunes it: the smallest of NPROBE_LADDER whose recall@k on `tune_rows` sample rows,
+    less two standard errors, reaches `target_recall` (see `tune_nprobe`).
+    """
     faiss = _import_faiss()
     n, d = pool.shape
     kk = k + 1
     nlist = min(nlist or default_nlist(n), n)
-    nprobe = min(nprobe or 64, nlist)  # 48 gave recall 0.948 on CIFAR-10 (k=16), 64 gave 0.966
     train_per_cell = train_per_cell or 40
     niter = 10 if niter is None else niter
+    target_recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     limit = memory_limit_bytes or _memory_limit()
     if index == "auto":
@@ -500,13 +529,33 @@ def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist
     log_memory_estimate("knn_graph faiss IVF (index)", n * d * {"flat": 4, "sq16": 2, "sq8": 1}[index])
     xt = _prep(gather_rows(pool, sample), metric).numpy()
     ix.train(xt)
+    # Rows whose exact neighbours are found alongside the add pass (one read of the pool) to tune
+    # nprobe: a seeded subset of the training sample.
+    tune = None
+    if nprobe is None:
+        m = min(n, tune_rows or DEFAULT_TUNE_ROWS)
+        pick = np.sort(np.random.default_rng([seed, 0x2A]).choice(ntrain, size=min(m, ntrain), replace=False))
+        tune = _TuneSet(rows=sample[pick], xq=np.ascontiguousarray(xt[pick]), kk=kk, metric=mt)
     del xt
     if dev.type == "cuda" and _faiss_gpus(faiss) > 0:  # untested here: no FAISS-GPU on our GPU hosts
         ix = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), dev.index or 0, ix)
     rows = rows_per_block(4 * d, budget // 2, maximum=n)
     for s, e in pool.block_ranges(rows=rows):
-        ix.add(_prep(pool.block(s, e), metric).numpy())
+        xb = _prep(pool.block(s, e), metric).numpy()
+        ix.add(xb)
+        if tune is not None:
+            tune.scan(xb, s, faiss)
+    info = {"nlist": nlist, "index": index, "train_rows": ntrain, "niter": niter}
+    if tune is None:
+        nprobe = min(nprobe, nlist)
+    else:
+        nprobe, est = tune_nprobe(ix, tune, pool, k, metric, nlist, target_recall)
+        info.update(est)
     ix.nprobe = nprobe
+    info["nprobe"] = nprobe
+    log.info("knn_graph faiss IVF: nlist=%d nprobe=%d%s", nlist, nprobe,
+             "" if tune is None else f" (tuned: sample recall {info['tune_recall']:.4f} +- {info['tune_recall_se']:.4f}"
+             f" for target {target_recall})")
     q_rows = rows_per_block(4 * d + 12 * kk, budget // 4, maximum=n)
     for s, e in pool.block_ranges(rows=q_rows):
         xq = _prep(pool.block(s, e), metric).numpy()
@@ -518,4 +567,76 @@ def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist
         _faiss_finish(pool, np.arange(s, e), I, D, k, metric, out, xq)
         if progress is not None:
             progress(e - s)
-    return {"nlist": nlist, "nprobe": nprobe, "index": index, "train_rows": ntrain, "niter": niter}
+    return info
+
+
+#: nprobe values tried, in order, when nprobe is tuned (capped at nlist).
+NPROBE_LADDER = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: Recall@k that tuned approximate search aims for (its lower 2-SE bound on the sample).
+DEFAULT_TARGET_RECALL = 0.95
+#: Sample rows whose exact neighbours tune nprobe (~ 1 s per 1M x 128 rows of pool on 2 cores).
+DEFAULT_TUNE_ROWS = 1000
+
+
+@dataclass
+class _TuneSet:
+    """Sample rows and their exact top-kk so far, merged block by block during the add pass."""
+    rows: np.ndarray      # [m] int64 pool indices, ascending
+    xq: np.ndarray        # [m, d] float32 prepped rows
+    kk: int
+    metric: int           # faiss metric constant
+    D: np.ndarray | None = None  # [m, kk] faiss scores turned ascending (1 - ip, or squared l2)
+    I: np.ndarray | None = None
+
+    def scan(self, xb: np.ndarray, start: int, faiss) -> None:
+        kb = min(self.kk, xb.shape[0])
+        D, I = faiss.knn(self.xq, xb, kb, metric=self.metric)
+        D = 1.0 - D if self.metric == faiss.METRIC_INNER_PRODUCT else D
+        I = np.asarray(I, np.int64) + start
+        if self.D is None:
+            self.D, self.I = D, I
+        else:
+            self.D, self.I = _merge(self.D, self.I, D, I, self.kk)
+
+
+def tune_nprobe(ix, tune: _TuneSet, pool: Pool, k: int, metric: str, nlist: int, target: float):
+    """Smallest nprobe of NPROBE_LADDER (<= nlist) whose sample recall@k minus two standard errors
+    reaches `target`; nlist (exhaustive over cells) if none does. Recall is tie-aware and uses
+    exact float32 distances of the found candidates, as `recall_at_k` does."""
+    rows = tune.rows
+    q = torch.from_numpy(tune.xq)
+    ex_i, ex_d = finish_rows(rows, torch.from_numpy(tune.I), torch.from_numpy(
+        _refine(pool, rows, tune.I, metric, q).numpy()), k)
+    exact = KNNGraph(ex_i, ex_d, metric, k)
+    ladder = [p for p in NPROBE_LADDER if p < nlist] + [nlist]
+    lo, hi = 0, len(ladder) - 1
+    memo = {}
+
+    def measure(p):
+        if p not in memo:
+            ix.nprobe = p
+            _, I = ix.search(tune.xq, tune.kk)
+            I = np.asarray(I, np.int64)
+            D = _refine(pool, rows, I, metric, q).numpy()
+            ii, dd = finish_rows(rows, torch.from_numpy(I), torch.from_numpy(np.where(I < 0, np.inf, D)), k)
+            per_row = _recall_rows(KNNGraph(ii, dd, metric, k), exact)
+            memo[p] = (float(per_row.mean()), float(per_row.std(ddof=1) / math.sqrt(len(per_row))) if len(per_row) > 1
+                       else 0.0)
+        r, se = memo[p]
+        return r - 2 * se >= target
+
+    # Recall grows with nprobe: binary search the ladder for the first one that passes.
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if measure(ladder[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    p = ladder[lo]
+    measure(p)
+    r, se = memo[p]
+    if r - 2 * se < target:
+        log.warning("knn_graph: nprobe=%d (every cell) gives sample recall %.4f, below target_recall %.3f", p, r,
+                    target)
+    return p, {"tune_recall": r, "tune_recall_se": se, "tune_rows": int(rows.size), "target_recall": target,
+               "tune_tried": {str(key): round(v[0], 4) for key, v in sorted(memo.items())}}

@@ -108,13 +108,49 @@ def clustered(n, d=32, seed=0):
 def test_approximate_recall_floor(backend, metric):
     X = clustered(6000)
     exact = knn_graph(X, k=10, metric=metric, backend="faiss", exact=True)
-    g = knn_graph(X, k=10, metric=metric, backend=backend, exact=False, seed=0)
+    opts = {"target_recall": 0.99} if backend == "faiss" else {}
+    g = knn_graph(X, k=10, metric=metric, backend=backend, exact=False, seed=0, **opts)
     rec = recall_at_k(g, exact)
     print(f"recall@10 {backend} {metric}: {rec:.4f}")
     assert rec >= 0.98  # measured 0.996-1.000 on this pool
     assert (g.indices != np.arange(len(X))[:, None]).all()
     d = np.where(np.isinf(g.distances), np.float32(9e9), g.distances)
     assert (np.diff(d, axis=1) >= 0).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_tuned_nprobe_is_the_smallest_that_reaches_the_target(metric):
+    """FAISS IVF with nprobe=None: the chosen nprobe meets target_recall on the whole pool (the
+    sample estimate is honest), the ladder step below it does not pass the 2-SE bound, and the
+    graph equals the one built with that nprobe given explicitly."""
+    from cm_engine.knn import NPROBE_LADDER
+
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, metric=metric, backend="faiss", exact=True)
+    target = 0.97
+    g = knn_graph(X, k=10, metric=metric, backend="faiss", exact=False, target_recall=target, tune_rows=800)
+    p, info = g.info["nprobe"], g.info
+    assert info["target_recall"] == target and info["tune_rows"] == 800
+    assert info["tune_recall"] - 2 * info["tune_recall_se"] >= target
+    full = recall_at_k(g, exact)
+    assert full >= target - 0.01
+    assert abs(full - info["tune_recall"]) <= 4 * info["tune_recall_se"] + 0.005
+    ladder = [q for q in NPROBE_LADDER if q < info["nlist"]] + [info["nlist"]]
+    i = ladder.index(p)
+    if i > 0:  # the step below was measured by the binary search or is implied failing by monotonicity
+        below = knn_graph(X, k=10, metric=metric, backend="faiss", exact=False, nprobe=ladder[i - 1])
+        assert recall_at_k(below, exact) < target + 3 * info["tune_recall_se"] + 0.005
+    fixed = knn_graph(X, k=10, metric=metric, backend="faiss", exact=False, nprobe=p)
+    np.testing.assert_array_equal(fixed.indices, g.indices)
+    assert "tune_recall" not in fixed.info
+
+
+def test_bad_tuning_options():
+    X = clustered(500)
+    with pytest.raises(ValueError, match="target_recall"):
+        knn_graph(X, k=3, exact=False, backend="faiss", target_recall=1.5)
+    with pytest.raises(ValueError, match="tune_rows"):
+        knn_graph(X, k=3, exact=False, backend="faiss", tune_rows=1)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
