@@ -66,6 +66,8 @@ class Clustering:
     the requested mean size, or None when epsilon was given. merges: the full `hac.Merges`.
     timings: seconds per stage ("fingerprint", "graph", "hac", "cut", "total").
     cache_hits: per stage (graph, merges): True (loaded), False (built), None (not needed).
+    graph: the pool's k-NN graph (`knn.KNNGraph`) behind the clusters, e.g. for the near-duplicate
+      filter (`redundancy`); see the property.
     """
 
     labels: np.ndarray
@@ -78,6 +80,21 @@ class Clustering:
     params: ClusterParams | None = None
     timings: dict = field(default_factory=dict)
     cache_hits: dict = field(default_factory=dict)
+    #: the graph itself, or a callable that returns it (read on first use of `graph`), or None
+    graph_source: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def graph(self):
+        """The k-NN graph (`knn.KNNGraph`) the clusters were built from. Built without a cache, it is
+        the graph `cluster` built (kept); with a cache it is read from the cache entry on first
+        access (memory-mapped; rebuilt into the cache if the entry is gone), so a cached re-run
+        that never needed the graph does not pay for it unless asked."""
+        src = self.graph_source
+        if src is None:
+            raise ValueError("graph: this Clustering holds no graph (it was not made by `cluster`)")
+        if callable(src):
+            src = self.graph_source = src()
+        return src
 
     @property
     def n(self) -> int:
@@ -167,6 +184,7 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
     hits: dict = {"graph": None, "merges": None}
 
     merges = None
+    built = None
     t = t_start
     if cache is not None:
         from .cache import cache_key
@@ -184,6 +202,7 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
         graph = _graph(pool, gparams, cache, fp if cache is not None else None, hits,
                        device=device, budget_bytes=budget_bytes, progress=progress)
         t = _stage_done(timings, "graph", t)
+        built = graph if cache is None else None  # kept for Clustering.graph (no cache to reload from)
         merges = hac_merges(graph, max_epsilon=None, device=device, budget_bytes=budget_bytes, **hac_kw)
         del graph
         if cache is not None:
@@ -195,10 +214,17 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
     t = _stage_done(timings, "cut", t)
     timings["total"] = t - t_start
     out = Clustering(labels=labels, n_clusters=_n_clusters(labels), epsilon=eps, target_mean_size=target,
-                     merges=merges, k=k, metric=metric, params=params, timings=timings, cache_hits=hits)
+                     merges=merges, k=k, metric=metric, params=params, timings=timings, cache_hits=hits,
+                     graph_source=built if cache is None else _graph_loader(pool, gparams, cache, fp, device,
+                                                                            budget_bytes))
     log.info("cluster: N=%d k=%d metric=%s epsilon=%.6g -> %d clusters (mean size %.2f) in %.2f s, cache %s",
              pool.n, k, metric, eps, out.n_clusters, out.mean_size, timings["total"], hits)
     return out
+
+
+def _graph_loader(pool: Pool, gp: GraphParams, cache, fp, device, budget_bytes):
+    """Clustering.graph's source with a cache: the cached graph entry (built there if missing)."""
+    return lambda: _graph(pool, gp, cache, fp, {}, device=device, budget_bytes=budget_bytes, progress=None)
 
 
 def _graph(pool: Pool, gp: GraphParams, cache, fp, hits, *, device, budget_bytes, progress):

@@ -32,6 +32,7 @@ redundant pools give effectiveness 0.85-0.98 and valley/peak <= 0.06, clean pool
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import numpy as np
@@ -179,11 +180,106 @@ def near_duplicate_filter(order, graph, *, delta=None, labeled=None) -> np.ndarr
     order = as_index_array("order", order, n=n, unique=True)
     lab = None if labeled is None else as_index_array("labeled", labeled, n=n, unique=False)
     delta = _check_delta(delta, graph)
-    kept, _ = _filter(order, ind, dist, delta, lab)
-    return kept
+    if order.size == 0:
+        return order.copy()
+    f = _Filter(ind, dist, delta, lab, work=order.size)
+    # the key of a candidate is its position in `order` (exact in float64 below 2**53)
+    return order[f.extend(order, np.arange(order.size, dtype=np.float64))]
 
 
-def _filter(order, ind, dist, delta, lab):
+# ---------------------------------------------------------------------------------------------
+# the filter's kernels
+
+class _Filter:
+    """The greedy filter against one labeled set, over a window of candidates that grows by chunks.
+
+    `extend(win, key)` appends candidates whose keys (key, pool index) all exceed those already
+    added (the next stretch of the order) and returns bool [W]: for every candidate so far, whether
+    it survives the sequential greedy over the window in the order of (key, pool index) ascending.
+    The greedy is prefix-consistent, so earlier candidates' answers never change; the numba kernel
+    decides only the new chunk (graph rows of the chunk are read once). The labeled set's marks
+    are made once, in __init__. Kernel: numba (`_numba_kernels`) from NUMBA_MIN_WORK candidates +
+    labeled points on, else (or without numba) the numpy rounds of `_filter_numpy` over the whole
+    window; both are exact, so the choice never changes a result."""
+
+    def __init__(self, ind, dist, delta, lab, *, work: int, kernel: str = "auto"):
+        self.ind, self.dist, self.delta = ind, dist, delta
+        n = ind.shape[0]
+        nlab = 0 if lab is None else lab.size
+        if kernel == "auto":
+            kernel = "numba" if HAVE_NUMBA and work + nlab >= NUMBA_MIN_WORK else "numpy"
+        self.kernel = kernel
+        self.wins, self.keys = [], []
+        if kernel == "numpy":
+            self.lab = None if lab is None or lab.size == 0 else np.unique(lab)
+            return
+        self.K = _numba_kernels()
+        self.ind = np.asarray(ind)  # a memmap's ndarray view: one numba signature, no copy
+        self.dist = np.asarray(dist)
+        # compare in the distances' dtype, as numpy does for `dist <= delta` with a Python float
+        self.dk = self.dist.dtype.type(delta)
+        self.flag = np.zeros(n, dtype=np.uint8)  # 1 labeled, 2 listed <= delta in a labeled row
+        if nlab:
+            self.K["mark_labeled"](lab, self.ind, self.dist, self.dk, self.flag)
+        self.cpos = np.full(n, -1, dtype=np.int32 if n < 2**31 else np.int64)  # window position of each candidate, -1 elsewhere
+        self.state = np.zeros(0, dtype=np.uint8)  # 1 kept, 2 dropped
+        self.off = np.zeros(1, dtype=np.int64)  # near lists of the window: nbj[off[p]:off[p + 1]]
+        self.nbj = np.zeros(0, dtype=self.ind.dtype)
+
+    def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
+        win = np.ascontiguousarray(win, dtype=np.int64)
+        key = np.ascontiguousarray(key)
+        self.wins.append(win)
+        self.keys.append(key)
+        if self.kernel == "numpy":
+            allw = np.concatenate(self.wins)
+            allk = np.concatenate(self.keys)
+            srt = np.lexsort((allw, allk))
+            kept, _ = _filter_numpy(allw[srt], self.ind, self.dist, self.delta, self.lab)
+            out = np.zeros(self.ind.shape[0], dtype=np.bool_)
+            out[kept] = True
+            return out[allw]
+        base = self.state.size
+        allw = win if base == 0 else np.concatenate(self.wins)
+        allk = key if base == 0 else np.concatenate(self.keys)
+        state = np.zeros(allw.size, dtype=np.uint8)
+        state[:base] = self.state
+        off, nbj = self.K["chunk"](allw, allk, base, self.ind, self.dist, self.dk, self.flag, self.cpos,
+                                   state, self.off, self.nbj)
+        self.state = state
+        self.off = off if base == 0 else np.concatenate([self.off, off[1:] + self.nbj.size])
+        self.nbj = nbj if base == 0 else np.concatenate([self.nbj, nbj])
+        return state == 1
+
+
+#: kernel="auto" uses numba from this many candidates + labeled points on (below it the numpy
+#: rounds take well under a few ms and loading numba would cost more).
+NUMBA_MIN_WORK = 20_000
+HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+_KERNELS = None
+
+
+def _numba_kernels() -> dict:
+    """Compile the numba kernels on first use (cached on disk by numba)."""
+    global _KERNELS
+    if _KERNELS is None:
+        _KERNELS = _build_numba_kernels()
+    return _KERNELS
+
+
+def _build_numba_kernels() -> dict:
+    from . import _redundancy_kernels as K
+
+    return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range}
+
+
+def _filter_numpy(order, ind, dist, delta, lab):
+    """The numpy kernel: kept candidates of `order` (in order) and the number of rounds.
+
+    Exactly the sequential greedy, computed in rounds of whole-array operations (a parallel greedy
+    independent set): each round accepts every undecided candidate none of whose earlier
+    neighbours is undecided or accepted, then rejects every undecided candidate with an accepted
+    earlier neighbour. `lab`: unique labeled indices or None."""
     n = ind.shape[0]
     m = order.size
     if m == 0:
@@ -193,7 +289,6 @@ def _filter(order, ind, dist, delta, lab):
     alive = np.ones(m, dtype=np.bool_)
     s, t = _near_pairs(order, ind, dist, delta)  # edges listed in the candidates' rows
     if lab is not None and lab.size:
-        lab = np.unique(lab)
         is_lab = np.zeros(n, dtype=np.bool_)
         is_lab[lab] = True
         alive[is_lab[order]] = False
@@ -268,9 +363,9 @@ def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
     near_co = np.zeros(b, dtype=np.bool_)
     near_co[pos[s[ok]]] = True
     near_co[pt[ok]] = True
-    kept, _ = _filter(picked, ind, dist, delta, lab)
+    keep = _Filter(ind, dist, delta, lab, work=b).extend(picked, np.arange(b, dtype=np.float64))
     out.update(near_labeled=float(near_lab.mean()), near_copicked=float(near_co.mean()),
-               redundant=float((near_lab | near_co).mean()), dropped_by_filter=float(1 - kept.size / b))
+               redundant=float((near_lab | near_co).mean()), dropped_by_filter=float(1 - np.count_nonzero(keep) / b))
     return out
 
 
@@ -289,26 +384,91 @@ def _sorted_candidates(s: np.ndarray, eligible_mask, k: int) -> np.ndarray:
     return cand[np.lexsort((cand, s[cand]))]
 
 
-def _filtered_candidates(s, graph, want, start, *, delta, excl):
-    """At least `want` filtered candidates in score order (or all that survive): the filter is
-    prefix-consistent (the greedy on a prefix of the order is a prefix of the greedy), so the
-    candidate window grows by the observed keep rate until enough survive."""
-    ind, dist = _graph_arrays(graph)
+#: rows of the score sample that sizes a window extension (a strided sample: its quantiles only
+#: size the next window, they never decide what is picked).
+EXTEND_SAMPLE = 65_536
+
+
+def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
+    """The `want` lowest eligible points in (score, index) order that survive the greedy filter
+    walked in that order (all survivors when fewer), int64 pool indices ascending by index; and the
+    number of candidates examined.
+
+    The filter is prefix-consistent (the greedy on a prefix of the order is a prefix of the
+    greedy), so any prefix of the order with `want` survivors gives the answer, and the order
+    itself is never sorted: the filter kernel compares (score, index) keys only along near edges.
+    The first window is the `start` lowest points (`lowest_k`, as plain Cluster-Margin's
+    candidates); when too few survive, the window grows by the observed keep rate (+10%) to the
+    points up to a score threshold read off a strided score sample (one pass over the scores)."""
+    from .strategies import _lowest_positions, lowest_k
+
     n = s.size
-    mask = None
+    elig = None
+    n_elig = n
     if excl is not None and excl.size:
-        mask = np.ones(n, dtype=np.bool_)
-        mask[excl] = False
-    n_elig = n if mask is None else int(mask.sum())
+        elig = np.ones(n, dtype=np.bool_)
+        elig[excl] = False
+        n_elig = n - excl.size  # excl is unique
     k = min(max(start, want), n_elig)
+    f = _Filter(ind, dist, delta, excl, work=k)
+    chunk = lowest_k(s, k, keep=elig)  # ascending index; a prefix of the (score, index) order
+    n_win = 0  # candidates in the window before `chunk`
+    samp = None
     while True:
-        cand = _sorted_candidates(s, mask, k)
-        kept, _ = _filter(cand, ind, dist, delta, excl)
-        if kept.size >= want or k >= n_elig:
-            return kept, k
-        # grow the window by the observed keep rate (+10%), at least doubling the kept count's room
-        rate = max(kept.size, 1) / k
-        k = min(max(int(np.ceil(1.1 * want / rate)), k + 1), n_elig)
+        keep = f.extend(chunk, s[chunk])
+        n_kept = int(np.count_nonzero(keep))
+        if n_kept >= want or keep.size >= n_elig:
+            break
+        # grow: the eligible points with keys above the window's largest, up to a score t2 chosen
+        # so that about 1.1 * want / keep-rate points are in the window
+        t1 = s[chunk].max()
+        i1 = int(chunk[s[chunk] == t1].max())
+        target = max(int(np.ceil(1.1 * want * keep.size / max(n_kept, 1))), keep.size + 1)
+        if samp is None:
+            step = max(1, n // EXTEND_SAMPLE)
+            samp = s[::step] if elig is None else s[::step][elig[::step]]
+            samp = np.sort(samp)
+        r = int(target / n_elig * samp.size)
+        r = max(r, int(np.searchsorted(samp, t1, side="right")))  # at least the sample's first value above t1
+        t2 = samp[r] if r < samp.size else np.inf
+        ext = _select_range(s, elig, t1, i1, s.dtype.type(t2), f.kernel)
+        if ext.size == 0:  # (the sample holds only eligible points: only when t2 = inf, all examined)
+            break
+        n_win = keep.size
+        chunk = ext
+    win = np.concatenate(f.wins)
+    surv = win[keep]
+    if n_kept > want:
+        # the earlier windows hold fewer than `want` survivors, all with lower keys than the last
+        # chunk's: take them all, and the lowest keys of the last chunk's (ascending index, so
+        # ties go to the lower index)
+        head = win[:n_win][keep[:n_win]]
+        last = win[n_win:][keep[n_win:]]
+        last = last[_lowest_positions(s[last], want - head.size)]
+        surv = np.concatenate([head, last])
+    return np.sort(surv), win.size
+
+
+def _select_range(s, elig, t1, i1, t2, kernel):
+    """Eligible indices i with (s[i], i) > (t1, i1) and s[i] <= t2, ascending."""
+    if kernel == "numba":
+        return _numba_kernels()["select_range"](s, np.zeros(0, np.bool_) if elig is None else elig,
+                                                s.dtype.type(t1), np.int64(i1), t2)
+    i = np.arange(s.size)
+    ok = (s <= t2) & ((s > t1) | ((s == t1) & (i > i1)))
+    if elig is not None:
+        ok &= elig
+    return np.flatnonzero(ok)
+
+
+def _check_exclude(exclude, n):
+    from .sampler import check_unique
+
+    if exclude is None:
+        return None
+    excl = as_index_array("exclude", exclude, n=n, unique=False)
+    check_unique("exclude", excl, n)
+    return excl
 
 
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
@@ -319,16 +479,17 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
     from .strategies import as_scores
 
     s = as_scores("scores", scores)
-    ind, _ = _graph_arrays(graph)
+    ind, dist = _graph_arrays(graph)
     if ind.shape[0] != s.size:
         raise ValueError(f"graph: expected {s.size} rows (as scores), got {ind.shape[0]}")
     budget = check_int("budget", budget, min=0)
-    excl = None if exclude is None else as_index_array("exclude", exclude, n=s.size, unique=True)
+    excl = _check_exclude(exclude, s.size)
     delta = _check_delta(delta, graph)
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, graph, budget, 2 * budget, delta=delta, excl=excl)
-    return _fill(kept[:budget], s, budget, excl)
+    kept, _ = _filtered_candidates(s, ind, dist, budget, 2 * budget, delta=delta, excl=excl)
+    kept = kept[np.argsort(s[kept], kind="stable")]  # ascending index -> by (score, index)
+    return _fill(kept, s, budget, excl)
 
 
 def _fill(picked, s, budget, excl):
@@ -360,21 +521,20 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     s = as_scores("scores", scores)
     n = s.size
     labels = as_labels("labels", labels, n=n, other="scores")
-    ind, _ = _graph_arrays(graph)
+    ind, dist = _graph_arrays(graph)
     if ind.shape[0] != n:
         raise ValueError(f"graph: expected {n} rows (as scores), got {ind.shape[0]}")
     budget = check_int("budget", budget, min=0)
     km_ratio = check_float("km_ratio", km_ratio, min=1.0)
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
-    excl = None if exclude is None else as_index_array("exclude", exclude, n=n, unique=True)
+    excl = _check_exclude(exclude, n)
     delta = _check_delta(delta, graph)
     rng = as_generator(seed)
     km = int(round(km_ratio * budget))
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, graph, km, km, delta=delta, excl=excl)
-    kept = np.sort(kept[:km])
+    kept, _ = _filtered_candidates(s, ind, dist, km, km, delta=delta, excl=excl)
     lab = excl if (label_aware and excl is not None) else None
     picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
     return _fill(picked, s, budget, excl)

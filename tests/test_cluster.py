@@ -201,3 +201,41 @@ def test_complete_graph_equals_scipy_average_linkage(metric, data):
     t = res.recut(target_mean_size=10)
     assert 7 <= t.mean_size <= 14
     assert t.n_clusters == len(np.unique(fcluster(Z, t.epsilon * (1 + 1e-5) + 1e-7, "distance")))
+
+
+# ----------------------------------------------------------------------------- the graph
+
+def test_graph_exposed_without_and_with_cache(X, tmp_path, monkeypatch):
+    from cm_engine.knn import knn_graph
+
+    ref = knn_graph(X, k=8)
+    a = cluster(X, k=8, target_mean_size=10)  # no cache: the built graph is kept
+    np.testing.assert_array_equal(a.graph.indices, ref.indices)
+    np.testing.assert_array_equal(a.graph.distances, ref.distances)
+    assert a.recut(epsilon=a.epsilon).graph is a.graph
+    cluster(X, k=8, target_mean_size=10, cache_dir=tmp_path)
+    calls = []
+    real = cm_engine.knn.knn_graph
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cm_engine.knn, "knn_graph", counting)
+    b = cluster(X, k=8, target_mean_size=10, cache_dir=tmp_path)
+    assert b.cache_hits == {"graph": None, "merges": True}  # the graph is not read unless asked
+    np.testing.assert_array_equal(b.graph.indices, ref.indices)  # read from the cache entry, lazily
+    np.testing.assert_array_equal(b.graph.distances, ref.distances)
+    assert b.graph is b.graph and not calls
+    # the graph entry gone: rebuilt into the cache on first access
+    for p in tmp_path.iterdir():
+        if p.name.startswith("knn_graph-"):
+            import shutil
+
+            shutil.rmtree(p)
+    c = cluster(X, k=8, target_mean_size=10, cache_dir=tmp_path)
+    np.testing.assert_array_equal(c.graph.indices, ref.indices)
+    assert calls and len(_entries(tmp_path, "knn_graph")) == 1
+    with pytest.raises(ValueError, match="graph"):
+        Clustering(labels=a.labels, n_clusters=a.n_clusters, epsilon=0.0, target_mean_size=None, merges=None,
+                   k=8, metric="cosine").graph

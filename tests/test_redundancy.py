@@ -188,3 +188,92 @@ def test_bad_input():
         filtered_margin(np.zeros(30), (ind, dist), -1, delta=0.1)
     with pytest.raises(ValueError, match="km_ratio"):
         filtered_cluster_margin(np.zeros(30), np.zeros(30, int), (ind, dist), 3, km_ratio=0.5, delta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the numba kernel (incremental windows, key ties, -1 entries) against the numpy rounds and the loop
+
+@pytest.fixture(params=["numba", "numpy"])
+def kernel(request, monkeypatch):
+    import cm_engine.redundancy as R
+
+    if request.param == "numba" and not R.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(R, "NUMBA_MIN_WORK", 0 if request.param == "numba" else 10**12)
+    return request.param
+
+
+def test_kernels_equal_greedy_loop(kernel):
+    for trial in range(40):
+        rng = np.random.default_rng(1000 + trial)
+        n, k = int(rng.integers(2, 160)), int(rng.integers(1, 7))
+        k = max(1, min(k, n - 1))
+        ind, dist = random_graph(n, k, rng, missing=0.25 if trial % 3 == 0 else 0.0)
+        if trial % 4 == 1:
+            dist = np.round(dist * 4) / 4  # equal distances, exactly delta among them
+        if trial % 5 == 2:  # -1 entries with a finite distance inside a row: skipped, not an end
+            hole = rng.random((n, k)) < 0.2
+            ind[hole] = -1
+        delta = float(rng.choice([0.0, 0.05, 0.25, 0.5, 1.0]))
+        order = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+        labeled = None if trial % 2 else rng.choice(n, int(rng.integers(0, n // 3 + 1)), replace=True)
+        graph = (ind.astype(np.int32) if trial % 3 == 2 else ind, dist)
+        got = near_duplicate_filter(order, graph, delta=delta, labeled=labeled)
+        np.testing.assert_array_equal(got, greedy_reference(order, ind, dist, delta, labeled))
+
+
+@pytest.mark.parametrize("score_dtype", [np.float32, np.float64])
+def test_window_growth_equals_greedy_loop(kernel, score_dtype, monkeypatch):
+    # tiny first windows and a coarse sample force many extensions; rounded scores force key ties
+    import cm_engine.redundancy as R
+    from cm_engine.redundancy import _filtered_candidates
+
+    for trial in range(30):
+        rng = np.random.default_rng(2000 + trial)
+        n, k = int(rng.integers(2, 200)), int(rng.integers(1, 6))
+        k = max(1, min(k, n - 1))
+        ind, dist = random_graph(n, k, rng)
+        delta = float(rng.choice([0.05, 0.25, 0.5, 1.0]))
+        s = rng.random(n).astype(score_dtype)
+        if trial % 3 == 1:
+            s = np.round(s * 5) / 5
+        excl = None if trial % 4 == 0 else rng.choice(n, int(rng.integers(0, n // 2 + 1)), replace=False)
+        want = int(rng.integers(1, n + 1))
+        monkeypatch.setattr(R, "EXTEND_SAMPLE", int(rng.integers(1, 40)))
+        got, _ = _filtered_candidates(s, ind, dist, want, int(rng.integers(1, 5)), delta=delta, excl=excl)
+        elig = np.arange(n) if excl is None else np.setdiff1d(np.arange(n), excl)
+        order = elig[np.lexsort((elig, s[elig]))]
+        np.testing.assert_array_equal(got, np.sort(greedy_reference(order, ind, dist, delta, excl)[:want]))
+
+
+def test_filtered_strategies_same_on_both_kernels(monkeypatch):
+    import cm_engine.redundancy as R
+
+    if not R.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(7)
+    n = 3000
+    group = rng.integers(0, 700, n)  # copy groups: near edges inside a group
+    ind = np.empty((n, 6), np.int64)
+    dist = np.empty((n, 6), np.float32)
+    for i in range(n):
+        mates = np.flatnonzero(group == group[i])
+        mates = mates[mates != i][:3]
+        others = rng.choice(n, 6 - mates.size, replace=False)
+        ind[i] = np.concatenate([mates, others])
+        dist[i] = np.concatenate([rng.uniform(0, 0.01, mates.size), rng.uniform(0.1, 1, others.size)])
+        o = np.argsort(dist[i], kind="stable")
+        ind[i], dist[i] = ind[i][o], dist[i][o]
+    s = rng.random(n).astype(np.float32)
+    labels = rng.integers(0, 50, n)
+    excl = rng.choice(n, 300, replace=False)
+    out = {}
+    for name, mw in (("numba", 0), ("numpy", 10**12)):
+        monkeypatch.setattr(R, "NUMBA_MIN_WORK", mw)
+        out[name] = (filtered_margin(s, (ind, dist), 400, delta=0.02, exclude=excl),
+                     filtered_cluster_margin(s, labels, (ind, dist), 200, km_ratio=1.25, delta=0.02, exclude=excl,
+                                             seed=1),
+                     redundancy_report(np.arange(0, n, 3), (ind, dist), delta=0.02, labeled=excl))
+    np.testing.assert_array_equal(out["numba"][0], out["numpy"][0])
+    np.testing.assert_array_equal(out["numba"][1], out["numpy"][1])
+    assert out["numba"][2] == out["numpy"][2]

@@ -1,0 +1,220 @@
+"""numba kernels of the near-duplicate filter (redundancy.py); imported on first use.
+
+Module-level functions, so that numba's on-disk cache holds them across processes. Every kernel
+is checked against the numpy rounds and a plain-Python loop in tests/test_redundancy.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+#: software prefetch distance (rows ahead) of the kernels' random graph-row reads
+D = 16
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, i):
+    # a read prefetch of arr[i, 0] (llvm.prefetch: a hint that never faults). The filter reads
+    # graph rows in candidate order, i.e. at random: without it each row is a full miss.
+    if not isinstance(arr, types.Array) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [context.cast(builder, args[1], signature.args[1], types.intp)]
+        idx += [context.get_constant(types.intp, 0)] * (aryty.ndim - 1)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx, wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+@njit(cache=True, nogil=True)
+def mark_labeled(lab, ind, dist, delta, flag):
+    # flag[l] = 1 for labeled l; flag[j] = 2 for j listed <= delta in a labeled row (the
+    # labeled -> candidate direction)
+    k = ind.shape[1]
+    m = lab.size
+    for i in range(m):
+        flag[lab[i]] = 1
+    for i in range(m):
+        if i + D < m:
+            prefetch_row(dist, lab[i + D])
+            prefetch_row(ind, lab[i + D])
+        a = lab[i]
+        for c in range(k):
+            if not dist[a, c] <= delta:  # rows ascending: nothing further (and +inf = missing)
+                break
+            j = ind[a, c]
+            if j >= 0 and j != a and flag[j] == 0:
+                flag[j] = 2
+
+
+@njit(inline="always")
+def earlier(key, win, a, b):
+    return key[a] < key[b] or (key[a] == key[b] and win[a] < win[b])
+
+
+@njit(cache=True, nogil=True)
+def chunk(win, key, base, ind, dist, delta, flag, cpos, state, off_old, nbj_old):
+    # Decide window positions base..W-1 (keys above every earlier position's); earlier ones
+    # are decided (state 1 kept / 2 dropped) with near lists nbj_old[off_old[p]:off_old[p+1]].
+    # Returns the new positions' near lists (offsets from 0, pool indices).
+    w = win.size
+    m = w - base
+    k = ind.shape[1]
+    for p in range(base, w):
+        cpos[win[p]] = p
+    # 1. graph rows of the new candidates: rejected (labeled, or an edge <= delta to a labeled
+    #    point in either direction), else its near list (every j != c, j >= 0 within delta)
+    off = np.zeros(m + 1, dtype=np.int64)
+    cap = 4 * m + 16
+    nbj = np.empty(cap, dtype=ind.dtype)
+    e = 0
+    for t in range(m):
+        p = base + t
+        if t + D < m:
+            prefetch_row(dist, win[p + D])
+            prefetch_row(ind, win[p + D])
+        c = win[p]
+        rej = flag[c] != 0
+        e0 = e
+        if not rej:
+            for col in range(k):
+                if not dist[c, col] <= delta:
+                    break
+                j = ind[c, col]
+                if j < 0 or j == c:
+                    continue
+                if flag[j] == 1:
+                    rej = True
+                    break
+                if e == cap:
+                    cap *= 2
+                    grown = np.empty(cap, dtype=nbj.dtype)
+                    grown[:e] = nbj[:e]
+                    nbj = grown
+                nbj[e] = j
+                e += 1
+        if rej:
+            e = e0
+            state[p] = 2  # never kept, so it blocks nothing: its list is not needed
+        off[t + 1] = e
+    # 2. an edge to a kept earlier-window candidate drops a new one (own row, or the earlier
+    #    candidate's row: every earlier key is below every new key)
+    if base > 0:
+        for t in range(m):
+            p = base + t
+            if state[p] == 2:
+                continue
+            for x in range(off[t], off[t + 1]):
+                q = cpos[nbj[x]]
+                if 0 <= q < base and state[q] == 1:
+                    state[p] = 2
+                    break
+        for o in range(base):
+            if state[o] != 1:
+                continue
+            for x in range(off_old[o], off_old[o + 1]):
+                q = cpos[nbj_old[x]]
+                if q >= base:
+                    state[q] = 2
+    # 3. among the new ones: kept(y) = not dropped and no earlier near neighbour kept. The own
+    #    list gives y's earlier neighbours listed by y; the reverse adjacency (rnb, chunk-local)
+    #    those that list y. Edges point to strictly earlier keys (no cycle): a memoized
+    #    depth-first walk decides every candidate in O(m + E), without sorting the window.
+    roff = np.zeros(m + 1, dtype=np.int64)
+    for t in range(m):
+        p = base + t
+        if state[p] == 2:
+            continue
+        for x in range(off[t], off[t + 1]):
+            q = cpos[nbj[x]]
+            if q >= base and state[q] != 2 and earlier(key, win, p, q):
+                roff[q - base + 1] += 1
+    for t in range(m):
+        roff[t + 1] += roff[t]
+    rnb = np.empty(roff[m], dtype=np.int64)
+    nxt = roff[:m].copy()
+    for t in range(m):
+        p = base + t
+        if state[p] == 2:
+            continue
+        for x in range(off[t], off[t + 1]):
+            q = cpos[nbj[x]]
+            if q >= base and state[q] != 2 and earlier(key, win, p, q):
+                rnb[nxt[q - base]] = p
+                nxt[q - base] += 1
+    it = nxt  # reused: per candidate, how many of its neighbours were checked
+    it[:] = 0
+    stack = np.empty(m, dtype=np.int64)
+    for t0 in range(m):
+        if state[base + t0] != 0:
+            continue
+        stack[0] = base + t0
+        sp = 1
+        while sp > 0:
+            y = stack[sp - 1]
+            ty = y - base
+            n_own = off[ty + 1] - off[ty]
+            tot = n_own + roff[ty + 1] - roff[ty]
+            pushed = False
+            while it[ty] < tot:
+                i = it[ty]
+                if i < n_own:
+                    u = cpos[nbj[off[ty] + i]]
+                    if u < base or state[u] == 2 or not earlier(key, win, u, y):
+                        it[ty] += 1
+                        continue
+                else:
+                    u = rnb[roff[ty] + i - n_own]
+                    if state[u] == 2:
+                        it[ty] += 1
+                        continue
+                if state[u] == 1:
+                    state[y] = 2
+                    break
+                stack[sp] = u  # an undecided earlier neighbour: decide it first
+                sp += 1
+                pushed = True
+                break
+            if pushed:
+                continue
+            if state[y] == 0:
+                state[y] = 1
+            sp -= 1
+    return off, nbj[:e].copy()
+
+
+@njit(cache=True, nogil=True)
+def select_range(s, elig, t1, i1, t2):
+    # eligible i with (s[i], i) > (t1, i1) and s[i] <= t2, ascending; branch-free (the
+    # condition is unpredictable): a counting pass, then every index stored, the slot kept
+    # only where the condition holds
+    use = elig.size > 0
+    m = 0
+    for i in range(s.size):
+        v = s[i]
+        ok = (v <= t2) & ((v > t1) | ((v == t1) & (i > i1)))
+        if use:
+            ok = ok & elig[i]
+        m += ok
+    out = np.empty(m + 1, dtype=np.int64)
+    m = 0
+    for i in range(s.size):
+        v = s[i]
+        ok = (v <= t2) & ((v > t1) | ((v == t1) & (i > i1)))
+        if use:
+            ok = ok & elig[i]
+        out[m] = i
+        m += ok
+    return out[:m]
