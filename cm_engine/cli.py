@@ -2,7 +2,7 @@
 
     cm-engine cluster --embeddings X.npy (--epsilon E | --target-mean-size S) --out LABELS.npy
     cm-engine select (--scores S.npy | --logits L.npy | --probabilities P.npy) --labels LABELS.npy
-                     --budget B --out PICKED.npy
+                     --budget B --out PICKED.npy [--graph I.npy D.npy [--dedup] [--delta X] [--report]]
     cm-engine demo   [--n 1000000]      the whole pipeline on a built-in synthetic pool
     cm-engine bench  [...]              benchmarks/throughput.py (from a source checkout)
 
@@ -152,6 +152,37 @@ def _scores_from_args(args, n_hint=None):
         raise type(e)(name + msg[len("outputs"):] if msg.startswith("outputs") else msg) from None
 
 
+def _dedup_args(args):
+    """--graph/--dedup/--delta/--report checked before any work: delta (float, or None = auto)."""
+    from ._validate import check_float
+
+    if args.graph is None and (args.dedup or args.report):
+        raise CLIError("--graph: expected INDICES.npy DISTANCES.npy with " + ("--dedup" if args.dedup else "--report")
+                       + ", got none")
+    if args.delta is None or args.delta == "auto":
+        return None
+    if not (args.dedup or args.report):
+        raise CLIError(f"--delta: applies with --dedup or --report, got --delta {args.delta}")
+    try:
+        v = float(args.delta)
+    except ValueError:
+        raise CLIError(f"--delta: expected a number >= 0 or 'auto', got {args.delta!r}") from None
+    return check_float("--delta", v, min=0.0)
+
+
+def _load_graph(paths, n):
+    """The k-NN graph from --graph INDICES.npy DISTANCES.npy (memory-mapped), checked against N."""
+    from .pool import open_array
+    from .redundancy import _graph_arrays
+
+    ind = open_array(paths[0], name="--graph indices")
+    dist = open_array(paths[1], name="--graph distances")
+    ind, dist = _graph_arrays((ind, dist))
+    if ind.shape[0] != n:
+        raise CLIError(f"--graph: expected {n} rows (the pool's size), got {ind.shape[0]}")
+    return ind, dist
+
+
 def cmd_select(args) -> int:
     from .pool import save_npy
     from .strategies import cluster_margin
@@ -160,6 +191,7 @@ def cmd_select(args) -> int:
     out = _check_out(args.out)
     if args.budget < 0:
         raise CLIError(f"--budget: expected an integer >= 0, got {args.budget}")
+    delta = _dedup_args(args)
     t0 = time.perf_counter()
     labels = as_labels("--labels", args.labels)
     scores = np.asarray(_scores_from_args(args))
@@ -168,24 +200,44 @@ def cmd_select(args) -> int:
         from .pool import open_array
 
         exclude = np.asarray(open_array(args.exclude, name="--exclude"))
+    graph = None
+    if args.graph is not None:
+        from .redundancy import auto_delta
+
+        graph = _load_graph(args.graph, labels.size)
+        if delta is None and (args.dedup or args.report):
+            delta = auto_delta(graph)  # once: the filter and the report use the same threshold
     t1 = time.perf_counter()
     kw = {}
     if args.order != "smallest":
         kw["order"] = args.order
     if args.label_aware:
         kw["label_aware"] = True
+    if args.dedup:
+        kw.update(dedup_graph=graph, delta=delta)
     picked = cluster_margin(scores, labels, args.budget, km_ratio=args.km_ratio, exclude=exclude, seed=args.seed, **kw)
     t2 = time.perf_counter()
+    report = None
+    if args.report:
+        from .redundancy import redundancy_report
+
+        report = redundancy_report(picked, graph, delta=delta, labeled=exclude)
     save_npy(out, picked)
     n_cl = int(np.unique(labels[picked]).size) if picked.size else 0
     summary = {"command": "select", "out": str(out), "n_picked": int(picked.size), "budget": args.budget,
                "km_ratio": args.km_ratio, "n_pool": int(labels.size), "clusters_covered": n_cl,
+               "dedup": bool(args.dedup), "delta": delta,
                "scoring_s": t1 - t0, "selection_s": t2 - t1, "peak_rss_bytes": peak_rss_bytes()}
-    _emit(args, summary, [
-        f"picked {picked.size:,} of {labels.size:,} points from {n_cl:,} clusters "
-        f"(scoring {t1 - t0:.2f} s, selection {t2 - t1:.2f} s)",
-        f"indices written to {out}",
-    ])
+    lines = [f"picked {picked.size:,} of {labels.size:,} points from {n_cl:,} clusters "
+             f"(scoring {t1 - t0:.2f} s, selection {t2 - t1:.2f} s"
+             + (f", near-duplicate filter at delta={delta:.4g})" if args.dedup else ")")]
+    if report is not None:
+        summary["redundancy"] = report
+        lines.append(f"near-copies: {100 * report['redundant']:.1f}% of the batch ({100 * report['near_labeled']:.1f}% "
+                     f"of excluded/labeled points, {100 * report['near_copicked']:.1f}% of other picks; "
+                     f"delta={report['delta']:.4g})")
+    lines.append(f"indices written to {out}")
+    _emit(args, summary, lines)
     return 0
 
 
@@ -303,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label-aware", action="store_true", help="clusters holding no excluded point first")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True, help="picked indices .npy (int64, in visiting order)")
+    s.add_argument("--graph", nargs=2, metavar=("INDICES.npy", "DISTANCES.npy"),
+                   help="the pool's k-NN graph (int [N, k] neighbours, -1 = none; float [N, k] distances, rows "
+                        "ascending) for --dedup and --report")
+    s.add_argument("--dedup", action="store_true",
+                   help="near-duplicate filter: skip candidates within --delta of an --exclude'd (labeled) point "
+                        "or of an earlier-kept candidate (needs --graph)")
+    s.add_argument("--delta", help="near-copy distance (number >= 0) or 'auto' (default: from the graph's distances)")
+    s.add_argument("--report", action="store_true",
+                   help="report the fraction of picks that are near-copies of excluded points or of each other "
+                        "(needs --graph)")
 
     d = sub.add_parser("demo", parents=[common], help="the whole pipeline on a built-in synthetic pool")
     d.add_argument("--n", type=int, default=1_000_000, help="pool size (default 1,000,000)")

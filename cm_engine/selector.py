@@ -20,6 +20,13 @@ directory at the same time.
 `Selector` offers the same state handling for the baselines (random, margin, entropy,
 least_confidence, coreset, badge).
 
+Near-duplicate filter (`redundancy`): `ClusterMarginSelector(..., dedup=True)` and
+`Selector("margin", dedup_graph=graph)` drop candidates within `delta` of a labeled or earlier-kept
+point over the pool's k-NN graph (the clustering's graph, or `graph=`). The graph is saved in the
+state directory (graph_indices.npy, graph_distances.npy) and delta (given, or `auto_delta` of the
+graph) in the manifest, both once, so every round and every resume filters alike.
+`redundancy(batch)` reports the near-copy fractions of a round's picks.
+
 Classes here only chain stage functions (cluster, margin scores, cluster_margin, baselines).
 """
 from __future__ import annotations
@@ -190,6 +197,11 @@ class _StatefulSelector:
             if key in saved and saved[key] != val:
                 raise ValueError(f"{key}: the state in {str(self.store.dir)!r} was made with {key}={saved[key]!r}, "
                                  f"got {val!r} (use a new state_dir, or reopen with the same settings / .load())")
+        on, was = bool(self.params.get("dedup", False)), bool(saved.get("dedup", False))
+        if on != was:  # absent when off, so the loop above cannot see it
+            raise ValueError(f"dedup: the state in {str(self.store.dir)!r} was made with the near-duplicate filter "
+                             f"{'on' if was else 'off'}, got it {'on' if on else 'off'} (reopen with the same "
+                             f"settings / .load())")
 
     # -- public state
 
@@ -261,7 +273,87 @@ class _StatefulSelector:
         return new
 
 
-class ClusterMarginSelector(_StatefulSelector):
+def _check_dedup_args(dedup, delta):
+    if not isinstance(dedup, (bool, np.bool_)):
+        raise TypeError(f"dedup: expected a bool, got {type(dedup).__name__}")
+    if delta is not None:
+        if not dedup:
+            raise ValueError(f"delta: applies only with the near-duplicate filter on, got delta={delta!r}")
+        delta = check_float("delta", delta, min=0.0)
+    return delta
+
+
+class _Dedup:
+    """The near-duplicate filter's graph and delta for a selector (mixed into both selectors)."""
+
+    GRAPH_FILES = ("graph_indices.npy", "graph_distances.npy")
+
+    def _graph_arrays_for(self, graph, *, need, **build):
+        """(indices, distances) of the pool's graph: `graph`, else the state directory's copy, else
+        built (only when `need`); saved to the state directory when the filter is on."""
+        from .redundancy import _graph_arrays
+
+        gi, gd = (self.store.dir / f for f in self.GRAPH_FILES)
+        if graph is None and gi.exists() and gd.exists():
+            graph = (np.load(gi, mmap_mode="r", allow_pickle=False), np.load(gd, mmap_mode="r", allow_pickle=False))
+        elif graph is None and need:
+            graph = self._build_graph(**build)
+        if graph is None:
+            return None
+        ind, dist = _graph_arrays(graph)
+        if ind.shape[0] != self.n:
+            raise ValueError(f"graph: expected {self.n} rows (the pool's size), got {ind.shape[0]}")
+        if need and not (gi.exists() and gd.exists()):
+            save_npy(gd, np.asarray(dist))
+            save_npy(gi, np.asarray(ind))
+        return ind, dist
+
+    def _build_graph(self, **build):
+        raise ValueError("dedup_graph: expected the pool's k-NN graph, got None")
+
+    def _resolve_delta(self):
+        """delta: from the manifest when recorded, else the given one or auto_delta; recorded once."""
+        if "dedup_delta" in self._man:
+            return
+        from .redundancy import auto_delta
+
+        d = self._delta if self._delta is not None else auto_delta(self._graph)
+        self._man = self.store.commit(dict(self._man, dedup_delta=float(d)), self._picked)
+
+    @property
+    def delta(self) -> float | None:
+        """The near-duplicate threshold in use (None when the filter is off)."""
+        return self._man.get("dedup_delta") if self.dedup else None
+
+    @property
+    def graph(self):
+        """(indices [N, k], distances [N, k]) of the pool's graph, or None when neither given nor needed."""
+        return self._graph
+
+    def redundancy(self, batch=None, *, delta=None) -> dict:
+        """`redundancy.redundancy_report` of a batch against what was labeled or picked before it.
+
+        batch: None (the last round's picks) or int pool indices (e.g. a batch from elsewhere,
+        checked against everything recorded so far). delta: default the filter's delta, else
+        `auto_delta` of the graph."""
+        from .redundancy import redundancy_report
+
+        if self._graph is None:
+            raise ValueError("graph: the redundancy report needs the pool's k-NN graph; pass graph= (or turn the filter on)")
+        if batch is None:
+            if not self._man["rounds"]:
+                raise ValueError("batch: no round selected yet; pass the indices to report on")
+            b = int(self._man["rounds"][-1]["n_new"])
+            batch, before = self._picked[self._picked.size - b:], self._picked[:self._picked.size - b]
+        else:
+            batch = as_index_array("batch", batch, n=self.n, unique=True)
+            before = self._picked[~np.isin(self._picked, batch)]
+        if delta is None:
+            delta = self.delta
+        return redundancy_report(batch, self._graph, delta=delta, labeled=before)
+
+
+class ClusterMarginSelector(_Dedup, _StatefulSelector):
     """Cluster-Margin between labeling rounds, with its state in `state_dir`.
 
     embeddings: [N, d] pool (array, memmap, tensor or .npy path); clustered once.
@@ -273,13 +365,18 @@ class ClusterMarginSelector(_StatefulSelector):
       or marked labeled so far as labeled).
     from_logits, multilabel, device, budget_bytes: how `select` turns model outputs into margins.
     seed: int >= 0; round r uses a generator seeded by (seed, r).
+    dedup: bool; the near-duplicate filter on the candidates (`cluster_margin(dedup_graph=...)`).
+    delta: float >= 0 or None (`auto_delta` of the graph, computed once); only with dedup.
+    graph: optional k-NN graph of the pool (KNNGraph or (indices [N, k], distances [N, k])) for
+      the filter and for `redundancy`; default: the clustering's graph (built if labels were given).
     """
 
     kind = "cluster_margin"
 
     def __init__(self, embeddings, *, state_dir, k=16, metric="cosine", target_mean_size=None, epsilon=None,
                  km_ratio=10.0, cache_dir=None, seed=0, order="smallest", label_aware=False, from_logits=True,
-                 multilabel=False, device="auto", budget_bytes=None, labels=None, cluster_options=None):
+                 multilabel=False, device="auto", budget_bytes=None, labels=None, cluster_options=None,
+                 dedup=False, delta=None, graph=None):
         if epsilon is None and target_mean_size is None and labels is None:
             target_mean_size = 10.0
         from .sampler import ORDERS
@@ -289,15 +386,24 @@ class ClusterMarginSelector(_StatefulSelector):
         for name, v in (("label_aware", label_aware), ("from_logits", from_logits), ("multilabel", multilabel)):
             if not isinstance(v, (bool, np.bool_)):
                 raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+        delta = _check_dedup_args(dedup, delta)
         params = {"k": int(k), "metric": metric, "target_mean_size": target_mean_size, "epsilon": epsilon,
                   "km_ratio": km_ratio, "order": order, "label_aware": bool(label_aware),
                   "multilabel": bool(multilabel), "labels_given": labels is not None}
+        if dedup:  # absent when off: states made before the option resume unchanged
+            params.update(dedup=True, delta=delta)
         super().__init__(embeddings, state_dir=state_dir, seed=seed, params=params)
         self.from_logits, self.multilabel = bool(from_logits), bool(multilabel)
         self.device, self.budget_bytes = device, budget_bytes
         self.km_ratio, self.order, self.label_aware = km_ratio, order, bool(label_aware)
+        self._clustering = None
         self.labels = self._labels(labels, k, metric, target_mean_size, epsilon, cache_dir, seed,
                                    dict(cluster_options or {}))
+        self.dedup = bool(dedup)
+        self._graph = self._graph_arrays_for(graph, need=self.dedup, k=k, metric=metric)
+        self._delta = delta
+        if self.dedup:
+            self._resolve_delta()
 
     def _labels(self, labels, k, metric, target, eps, cache_dir, seed, opts):
         path = self.store.dir / "labels.npy"
@@ -315,7 +421,15 @@ class ClusterMarginSelector(_StatefulSelector):
         save_npy(path, cl.labels)
         self._man = self.store.commit(dict(self._man, n_clusters=int(cl.n_clusters), epsilon=float(cl.epsilon)),
                                       self._picked)
+        self._clustering = cl  # its graph serves the near-duplicate filter
         return cl.labels
+
+    def _build_graph(self, k, metric):
+        if self._clustering is not None:
+            return self._clustering.graph
+        from .knn import knn_graph  # labels given, or clustered by an earlier run: build it once
+
+        return knn_graph(self._src, k=k, metric=metric, device=self.device, budget_bytes=self.budget_bytes)
 
     @classmethod
     def load(cls, state_dir, embeddings=None, **overrides) -> "ClusterMarginSelector":
@@ -333,6 +447,8 @@ class ClusterMarginSelector(_StatefulSelector):
         kw = dict(k=p["k"], metric=p["metric"], target_mean_size=p["target_mean_size"], epsilon=p["epsilon"],
                   km_ratio=p["km_ratio"], order=p["order"], label_aware=p["label_aware"],
                   multilabel=p["multilabel"], seed=p["seed"])
+        if p.get("dedup"):
+            kw.update(dedup=True, delta=p.get("delta"))
         if labels_given:
             kw["labels"] = np.load(Path(state_dir) / "labels.npy", allow_pickle=False)
         kw.update(overrides)
@@ -365,26 +481,38 @@ class ClusterMarginSelector(_StatefulSelector):
         """As `select`, from precomputed margin scores [N] (lower = more uncertain)."""
         from .strategies import cluster_margin
 
+        dd = {"dedup_graph": self._graph, "delta": self.delta} if self.dedup else {}
+
         def choose(b, picked, rng):
             return cluster_margin(scores, self.labels, b, km_ratio=self.km_ratio, exclude=picked, seed=rng,
-                                  order=self.order, label_aware=self.label_aware)
+                                  order=self.order, label_aware=self.label_aware, **dd)
 
         return self._select_with(budget, choose)
 
 
-class Selector(_StatefulSelector):
+class Selector(_Dedup, _StatefulSelector):
     """A baseline strategy with the same saved state: "random", "margin", "entropy",
     "least_confidence", "coreset" or "badge".
 
     embeddings: the pool [N, d] (needed by coreset and badge; for the others `n=` may be given
       instead). options: passed to the strategy function (e.g. partitions=, metric=, device=).
+    dedup_graph: "margin" only: the pool's k-NN graph (KNNGraph or (indices, distances), saved in
+      the state directory); margin selection then skips near-copies (`redundancy.filtered_margin`).
+      delta: float >= 0 or None (`auto_delta`, computed once). graph: a graph for `redundancy` only.
     `select(outputs, budget)`: outputs [N, C] are model outputs (ignored by random and coreset).
     """
 
     kind = "baseline"
 
-    def __init__(self, strategy, embeddings=None, *, state_dir, seed=0, n=None, from_logits=True, **options):
+    def __init__(self, strategy, embeddings=None, *, state_dir, seed=0, n=None, from_logits=True, dedup_graph=None,
+                 delta=None, graph=None, **options):
         check_choice("strategy", strategy, STRATEGIES)
+        if dedup_graph is not None and strategy != "margin":
+            raise ValueError(f"dedup_graph: applies to strategy 'margin' (or ClusterMarginSelector), got strategy {strategy!r}")
+        if dedup_graph is not None and graph is not None:
+            raise ValueError("graph: expected either dedup_graph or graph, got both")
+        dedup = dedup_graph is not None
+        delta = _check_dedup_args(dedup, delta)
         if embeddings is None and strategy in ("coreset", "badge"):
             raise ValueError(f"embeddings: strategy {strategy!r} needs the pool's embeddings, got None")
         if embeddings is None and n is None:
@@ -393,7 +521,13 @@ class Selector(_StatefulSelector):
         params = {"strategy": strategy, "from_logits": bool(from_logits),
                   **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, type(None)))
                      and k not in ("device", "budget_bytes")}}
+        if dedup:
+            params.update(dedup=True, delta=delta)
         super().__init__(embeddings, state_dir=state_dir, seed=seed, params=params, n=n)
+        self.dedup, self._delta = dedup, delta
+        self._graph = self._graph_arrays_for(dedup_graph if dedup else graph, need=dedup)
+        if dedup:
+            self._resolve_delta()
 
     def select(self, outputs, budget) -> np.ndarray:
         from . import baselines as B
@@ -406,6 +540,12 @@ class Selector(_StatefulSelector):
                 return B.coreset_select(self._src, b, exclude=picked, seed=rng, **opt)
             if s == "badge":
                 return B.badge_select(self._src, outputs, b, exclude=picked, seed=rng, from_logits=self.from_logits, **opt)
+            if self.dedup:
+                from .redundancy import filtered_margin
+
+                sc = B.uncertainty_scores(outputs, measure="margin", from_logits=self.from_logits,
+                                          **{k: v for k, v in opt.items() if k in ("device", "budget_bytes")})
+                return filtered_margin(sc, self._graph, b, delta=self.delta, exclude=picked)
             return B.uncertainty_select(outputs, b, measure=s, exclude=picked, from_logits=self.from_logits, **opt)
 
         return self._select_with(budget, choose)

@@ -186,3 +186,78 @@ def test_console_script_entry_point(files):
                         "--labels", str(files["labels"]), "--budget", "-5", "--out", str(files["dir"] / "x.npy")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "budget" in r.stderr
+
+
+@pytest.fixture
+def copy_files(tmp_path):
+    """A pool of 80 groups x 4 near-copies, its k-NN graph, labels, logits, and one labeled copy per group < 20."""
+    from cm_engine.knn import knn_graph
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(80, 8)).astype(np.float32) * 3
+    x = np.repeat(base, 4, axis=0) + 1e-3 * rng.normal(size=(320, 8)).astype(np.float32)
+    g = knn_graph(x, k=6, metric="l2")
+    p = {"group": np.repeat(np.arange(80), 4)}
+    for name, arr in {"I": g.indices, "D": g.distances, "labels": np.arange(320) % 9,
+                      "logits": rng.normal(size=(320, 4)).astype(np.float32),
+                      "exclude": np.arange(0, 80, 4)}.items():
+        p[name] = tmp_path / f"{name}.npy"
+        np.save(p[name], arr)
+    p["dir"] = tmp_path
+    return p
+
+
+def test_select_dedup_and_report(copy_files, capsys):
+    f, grp = copy_files, copy_files["group"]
+    base = ["select", "--logits", f["logits"], "--labels", f["labels"], "--budget", 30, "--exclude", f["exclude"],
+            "--km-ratio", 2, "--quiet", "--json", "--graph", f["I"], f["D"], "--report"]
+    code, out, _ = run(capsys, *base, "--out", f["dir"] / "plain.npy")
+    assert code == 0
+    plain = json.loads(out)
+    assert plain["dedup"] is False and plain["redundancy"]["redundant"] > 0  # margin picks copies
+    code, out, _ = run(capsys, *base, "--dedup", "--out", f["dir"] / "dd.npy")
+    assert code == 0
+    s = json.loads(out)
+    picked = np.load(f["dir"] / "dd.npy")
+    assert s["dedup"] is True and s["delta"] == plain["delta"] > 0 and picked.size == 30
+    assert s["redundancy"]["redundant"] == 0.0 and np.unique(grp[picked]).size == 30
+    assert not set(grp[picked].tolist()) & set(grp[np.load(f["exclude"])].tolist())
+    # the same picks as the library call; a given delta is used as is
+    from cm_engine.margin import margin_scores
+    from cm_engine.strategies import cluster_margin
+
+    want = cluster_margin(margin_scores(np.load(f["logits"]), device="cpu"), np.load(f["labels"]), 30, km_ratio=2,
+                          exclude=np.load(f["exclude"]), dedup_graph=(np.load(f["I"]), np.load(f["D"])),
+                          delta=s["delta"])
+    np.testing.assert_array_equal(picked, want)
+    code, out, _ = run(capsys, *base, "--dedup", "--delta", "0.5", "--out", f["dir"] / "d2.npy")
+    assert code == 0 and json.loads(out)["delta"] == 0.5
+    code, out, _ = run(capsys, *[a for a in base if a != "--json"], "--out", f["dir"] / "p2.npy")
+    assert code == 0 and "near-copies:" in out
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--dedup", "--graph", "I", "D", "--delta", "-0.1"], "--delta"),
+    (["--dedup", "--graph", "I", "D", "--delta", "nan"], "--delta"),
+    (["--report", "--graph", "I", "D", "--delta", "abc"], "--delta"),
+    (["--graph", "I", "D", "--delta", "0.1"], "--delta"),
+    (["--dedup"], "--graph"),
+    (["--report"], "--graph"),
+    (["--dedup", "--graph", "I", "Dnarrow"], "graph"),
+    (["--dedup", "--graph", "Ishort", "Dshort"], "graph"),
+])
+def test_select_dedup_bad_input_exits_2_and_writes_nothing(copy_files, capsys, extra, expect):
+    f = copy_files
+    d = f["dir"]
+    np.save(d / "Dnarrow.npy", np.load(f["D"])[:, :3])
+    np.save(d / "Ishort.npy", np.load(f["I"])[:100])
+    np.save(d / "Dshort.npy", np.load(f["D"])[:100])
+    extra = [str(d / f"{a}.npy") if a in ("I", "D", "Dnarrow", "Dshort", "Ishort") else a for a in extra]
+    before = _listing(d)
+    out = d / "picked.npy"
+    code, stdout, err = run(capsys, "select", "--logits", f["logits"], "--labels", f["labels"], "--budget", 10,
+                            "--quiet", "--out", out, *extra)
+    assert code == 2
+    assert err.startswith("cm-engine: error:") and err.count("\n") == 1, err
+    assert expect.lower() in err.lower(), err
+    assert _listing(d) == before and not out.exists()

@@ -168,3 +168,100 @@ def test_cluster_margin_selector_builds_clustering_once(tmp_path):
     finally:
         C.cluster = orig
     assert np.array_equal(again.labels, sel.labels)
+
+
+# ----------------------------------------------------------------------------- near-duplicate filter
+
+def copy_pool(groups=60, copies=4, d=8, seed=0):
+    """`groups` distinct points, each repeated `copies` times with tiny noise; group id per row."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(groups, d)).astype(np.float32) * 3
+    x = np.repeat(base, copies, axis=0) + 1e-3 * rng.normal(size=(groups * copies, d)).astype(np.float32)
+    return x.astype(np.float32), np.repeat(np.arange(groups), copies)
+
+
+def test_dedup_selector_never_picks_a_near_copy(tmp_path):
+    from cm_engine.knn import knn_graph
+
+    x, group = copy_pool()
+    n = x.shape[0]
+    lab = np.arange(n) % 13
+    sel = ClusterMarginSelector(x, state_dir=tmp_path / "s", labels=lab, km_ratio=2.0, seed=5, k=6, metric="l2",
+                                dedup=True)
+    assert sel.delta > 0 and (tmp_path / "s" / "graph_indices.npy").exists()
+    g = knn_graph(x, k=6, metric="l2")
+    np.testing.assert_array_equal(np.asarray(sel.graph[0]), g.indices)
+    sel.mark_labeled(np.flatnonzero(group < 10)[::4])  # one copy of each of groups 0..9
+    for r in range(3):
+        before = sel.picked
+        z = logits(n, seed=r)
+        new = sel.select(z, 12)
+        want = cluster_margin(sel.scores(z), lab, 12, km_ratio=2.0, exclude=before,
+                              seed=np.random.default_rng([5, r, 0x5E1]), dedup_graph=g, delta=sel.delta)
+        np.testing.assert_array_equal(new, want)
+        # no pick shares a copy group with a labeled/earlier point or with another pick
+        assert not set(group[new].tolist()) & set(group[before].tolist())
+        assert np.unique(group[new]).size == new.size
+        rep = sel.redundancy()
+        assert rep["n_picked"] == 12 and rep["redundant"] == 0.0
+    # without the filter, margin picks copies of labeled points: the report sees them
+    plain = ClusterMarginSelector(x, state_dir=tmp_path / "p", labels=lab, km_ratio=1.0, seed=5, graph=g)
+    plain.mark_labeled(sel.picked)
+    plain.select(logits(n, seed=9), 40)
+    rep = plain.redundancy()
+    assert rep["near_labeled"] > 0 and rep["delta"] == pytest.approx(sel.delta)
+    assert plain.delta is None and not (tmp_path / "p" / "graph_indices.npy").exists()
+
+
+def test_dedup_state_round_trips(tmp_path):
+    x, _ = copy_pool(seed=1)
+    n = x.shape[0]
+    np.save(tmp_path / "x.npy", x)
+    lab = np.arange(n) % 11
+    kw = dict(labels=lab, km_ratio=3.0, seed=2, k=6, metric="l2", dedup=True, delta=0.05)
+    a = ClusterMarginSelector(tmp_path / "x.npy", state_dir=tmp_path / "a", **kw)
+    b = ClusterMarginSelector(tmp_path / "x.npy", state_dir=tmp_path / "b", **kw)
+    outs = [a.select(logits(n, seed=r), 10) for r in range(3)]
+    b.select(logits(n, seed=0), 10)
+    import cm_engine.knn as K
+
+    orig = K.knn_graph
+    K.knn_graph = lambda *a, **k: (_ for _ in ()).throw(AssertionError("graph rebuilt"))
+    try:
+        c = ClusterMarginSelector.load(tmp_path / "b")  # the graph and delta come from the state dir
+    finally:
+        K.knn_graph = orig
+    assert c.dedup and c.delta == 0.05 and c.round == 1
+    assert [c.select(logits(n, seed=r), 10).tolist() for r in (1, 2)] == [o.tolist() for o in outs[1:]]
+    with pytest.raises(ValueError, match="delta"):
+        ClusterMarginSelector(tmp_path / "x.npy", state_dir=tmp_path / "b", **dict(kw, delta=0.1))
+    with pytest.raises(ValueError, match="delta"):
+        ClusterMarginSelector(x, state_dir=tmp_path / "c", labels=lab, delta=0.1)  # delta without dedup
+    with pytest.raises(ValueError, match="delta"):
+        ClusterMarginSelector(x, state_dir=tmp_path / "d", labels=lab, dedup=True, delta=-1.0)
+    with pytest.raises(ValueError, match="graph"):
+        ClusterMarginSelector(x, state_dir=tmp_path / "e", labels=lab, dedup=True, graph=(np.zeros((3, 2), int),
+                                                                                          np.zeros((3, 2))))
+
+
+def test_margin_selector_with_dedup(tmp_path):
+    from cm_engine.baselines import uncertainty_scores
+    from cm_engine.knn import knn_graph
+    from cm_engine.redundancy import filtered_margin
+
+    x, group = copy_pool(seed=2)
+    n = x.shape[0]
+    g = knn_graph(x, k=6, metric="l2")
+    sel = Selector("margin", n=n, state_dir=tmp_path / "m", dedup_graph=g)
+    sel.mark_labeled(np.arange(0, 40, 4))
+    z = logits(n, seed=3)
+    before = sel.picked
+    new = sel.select(z, 20)
+    np.testing.assert_array_equal(new, filtered_margin(uncertainty_scores(z), g, 20, delta=sel.delta, exclude=before))
+    assert np.unique(group[new]).size == 20 and not set(group[new].tolist()) & set(group[before].tolist())
+    again = Selector("margin", n=n, state_dir=tmp_path / "m", dedup_graph=g)
+    assert again.dedup and again.delta == sel.delta and again.redundancy()["redundant"] == 0.0
+    with pytest.raises(ValueError, match="dedup"):
+        Selector("margin", n=n, state_dir=tmp_path / "m")  # the filter cannot be dropped silently on resume
+    with pytest.raises(ValueError, match="dedup_graph"):
+        Selector("random", n=n, state_dir=tmp_path / "r", dedup_graph=g)
