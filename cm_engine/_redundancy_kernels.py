@@ -218,3 +218,44 @@ def select_range(s, elig, t1, i1, t2):
         out[m] = i
         m += ok
     return out[:m]
+
+
+@njit(cache=True, nogil=True)
+def gather_distances(rows, ind, dist):
+    # auto_delta's sample: float64 distances of rows (ascending), row-major, keeping the finite,
+    # positive ones of listed neighbours: np.asarray(dist[rows], float64).ravel() filtered alike
+    k = ind.shape[1]
+    out = np.empty(rows.size * k, dtype=np.float64)
+    m = 0
+    for i in range(rows.size):
+        if i + D < rows.size:
+            prefetch_row(dist, rows[i + D])
+            prefetch_row(ind, rows[i + D])
+        r = rows[i]
+        for c in range(k):
+            d = np.float64(dist[r, c])
+            if np.isfinite(d) and ind[r, c] >= 0 and d > 0:
+                out[m] = d
+                m += 1
+    return out[:m]
+
+
+@njit(cache=True, nogil=True)
+def histogram_uniform(v, edges):
+    # np.histogram(v, bins=edges.size - 1) for edges = np.linspace(v.min(), v.max(), bins + 1):
+    # numpy's uniform-bin arithmetic step for step (index from the scaled offset, then the same
+    # one-ulp corrections against the edges), so the counts are identical
+    nb = edges.size - 1
+    first = edges[0]
+    denom = edges[nb] - first
+    h = np.zeros(nb, dtype=np.int64)
+    for x in v:
+        i = np.intp(((x - first) / denom) * nb)
+        if i == nb:
+            i -= 1
+        if x < edges[i]:
+            i -= 1
+        if x >= edges[i + 1] and i != nb - 1:
+            i += 1
+        h[i] += 1
+    return h

@@ -130,15 +130,24 @@ def auto_delta(graph, *, seed: int = 0) -> float:
     n = ind.shape[0]
     rows = np.arange(n) if n <= SAMPLE_ROWS else np.sort(
         np.random.default_rng(seed).choice(n, SAMPLE_ROWS, replace=False))
-    d = np.asarray(dist[rows], dtype=np.float64).ravel()
-    d = d[np.isfinite(d) & (np.asarray(ind[rows]).ravel() >= 0)]
-    d = d[d > 0]  # exact duplicates (0) are filtered at any delta; log needs > 0
+    fast = HAVE_NUMBA and rows.size * ind.shape[1] >= NUMBA_MIN_WORK
+    if fast:  # the same values in the same order, without the [rows, k] temporaries
+        K = _numba_kernels()
+        d = K["gather_distances"](rows.astype(np.int64, copy=False), np.asarray(ind), np.asarray(dist))
+    else:
+        d = np.asarray(dist[rows], dtype=np.float64).ravel()
+        d = d[np.isfinite(d) & (np.asarray(ind[rows]).ravel() >= 0)]
+        d = d[d > 0]  # exact duplicates (0) are filtered at any delta; log needs > 0
     if d.size < 16:
         return 0.0
     v = np.log(d)
     if float(v.max() - v.min()) <= 1e-9:
         return 0.0
-    h, edges = np.histogram(v, bins=BINS)
+    if fast:
+        edges = np.linspace(v.min(), v.max(), BINS + 1)  # as np.histogram(v, bins=BINS)
+        h = K["histogram_uniform"](v, edges)
+    else:
+        h, edges = np.histogram(v, bins=BINS)
     centers = (edges[:-1] + edges[1:]) / 2
     p = h / h.sum()
     w0 = np.cumsum(p)
@@ -270,7 +279,8 @@ def _numba_kernels() -> dict:
 def _build_numba_kernels() -> dict:
     from . import _redundancy_kernels as K
 
-    return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range}
+    return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range,
+            "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform}
 
 
 def _filter_numpy(order, ind, dist, delta, lab):

@@ -277,3 +277,36 @@ def test_filtered_strategies_same_on_both_kernels(monkeypatch):
     np.testing.assert_array_equal(out["numba"][0], out["numpy"][0])
     np.testing.assert_array_equal(out["numba"][1], out["numpy"][1])
     assert out["numba"][2] == out["numpy"][2]
+
+
+def test_auto_delta_same_on_both_kernels(monkeypatch):
+    import cm_engine.redundancy as R
+
+    if not R.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(11)
+    hist = R._numba_kernels()["histogram_uniform"]
+    for t in range(60):  # numpy's uniform-bin histogram, values on the edges included
+        v = rng.standard_normal(int(rng.integers(2, 2000)))
+        if t % 3 == 0:
+            v = np.round(v * 8) / 8
+        if t % 2:
+            e = np.linspace(v.min(), v.max(), R.BINS + 1)
+            v = np.concatenate([v, e[rng.integers(0, R.BINS + 1, 40)]])
+        want, edges = np.histogram(v, bins=R.BINS)
+        np.testing.assert_array_equal(hist(v, np.linspace(v.min(), v.max(), R.BINS + 1)), want)
+    for trial in range(6):
+        n, k = 3000, 8
+        ind = rng.integers(-1, n, (n, k))
+        dist = np.sort(rng.random((n, k)).astype(np.float32), axis=1)
+        if trial % 2:
+            dist[:, :2] *= 1e-3  # a copy mode
+        dist[ind < 0] = np.inf
+        dist[rng.random((n, k)) < 0.01] = 0.0  # exact duplicates: left out
+        got = {}
+        for name, mw in (("numba", 0), ("numpy", 10**12)):
+            monkeypatch.setattr(R, "NUMBA_MIN_WORK", mw)
+            monkeypatch.setattr(R, "SAMPLE_ROWS", 1000 if trial < 3 else 65536)
+            got[name] = auto_delta((ind, dist), seed=trial)
+        assert got["numba"] == got["numpy"]
+        assert (got["numba"] > 0) == bool(trial % 2)
