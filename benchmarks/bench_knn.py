@@ -56,7 +56,7 @@ def exact_case(n, d, k):
     rec["auto_backend"] = g.info["backend"]
     # FAISS's own flat search on the same (normalized, in-memory) data, k+1 to include self.
     t = time.perf_counter()
-    xn = np.ascontiguousarray(X, dtype=np.float32)
+    xn = np.array(X, dtype=np.float32)  # a copy: normalize_L2 writes in place (a read-only memmap would crash it)
     faiss.normalize_L2(xn)
     D, I = faiss.knn(xn, xn, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     rec["faiss_knn_seconds"] = time.perf_counter() - t

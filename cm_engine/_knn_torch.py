@@ -112,6 +112,17 @@ def exact_knn(pool, *, k, metric, dev, budget, out, progress, compute_dtype=None
     return {"compute_dtype": str(cdt).replace("torch.", ""), "db_chunk_rows": chunk, "query_block_rows": bq}
 
 
+def _merge_into(out, rows: np.ndarray, ii: np.ndarray, dd: np.ndarray, k: int) -> None:
+    """Merge candidates ii/dd [m, c] (never the row itself, never already listed) into the
+    finished rows `rows` of out, keeping each row's k nearest, ties by index."""
+    ci = np.concatenate([np.asarray(out[0][rows], np.int64), ii.astype(np.int64)], 1)
+    cd = np.concatenate([np.asarray(out[1][rows], np.float32), dd.astype(np.float32)], 1)
+    cd = np.where(ci < 0, np.float32(np.inf), cd)
+    o = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), cd), axis=1)[:, :k]
+    out[0][rows] = np.take_along_axis(ci, o, 1)
+    out[1][rows] = np.take_along_axis(cd, o, 1)
+
+
 def _write(out, rows: np.ndarray, i: torch.Tensor, dist: torch.Tensor, k: int, progress, pos=None) -> None:
     """Finish query rows `rows` (pool indices) and store them at `pos` (default: at `rows`)."""
     ii, dd = finish_rows(rows, i, dist, k)
@@ -165,10 +176,6 @@ def kmeans(X: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, w
     return C
 
 
-def default_nprobe(nlist: int) -> int:
-    return min(nlist, 16)
-
-
 def _cell_probes(req: np.ndarray, c: int, nlist: int, cap: int) -> np.ndarray:
     """The cells searched for cell c: those its points ask for (each point's nprobe nearest
     centroids), most-asked first, at most `cap`; cell c itself always first."""
@@ -186,29 +193,90 @@ def _topk_torch(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str, cdt: 
 
 
 def _topk_faiss(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str):
-    """Same through faiss.knn (fused BLAS + heap): the CPU's fast search function."""
+    """Same through faiss.knn (fused BLAS + heap): the CPU's fast search function. Returns
+    (indices, cosine distances from the float32 inner products of unit rows, or None for l2)."""
     import faiss  # the caller checked it is importable
 
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    _, i = faiss.knn(q.numpy(), cand.numpy(), min(kc, cand.shape[0]), metric=mt)
-    return torch.from_numpy(i)
+    D, i = faiss.knn(q.numpy(), cand.numpy(), min(kc, cand.shape[0]), metric=mt)
+    dist = torch.from_numpy(1.0 - D).clamp_(0.0, 2.0) if metric == "cosine" else None
+    return torch.from_numpy(i), dist
+
+
+def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
+                     use_faiss: bool) -> torch.Tensor:
+    """k-means centroids [nlist, d] float32 of the prepped sample xt: FAISS's k-means on the CPU
+    when the kernel is FAISS (several times faster than Lloyd's loop in torch there), else ours."""
+    if not use_faiss:
+        return kmeans(xt, nlist, niter=niter, seed=seed, metric=metric, work=work)
+    import faiss  # the caller checked it is importable
+
+    km = faiss.Kmeans(xt.shape[1], nlist, niter=niter, seed=seed, spherical=metric == "cosine",
+                      max_points_per_centroid=max(256, -(-xt.shape[0] // nlist)), verbose=False)
+    km.train(np.ascontiguousarray(xt.numpy()))
+    return torch.from_numpy(km.centroids.copy())
+
+
+def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k, metric, dev, budget, work,
+                 target: float):
+    """nprobe from the exact neighbours of sample `rows` (prepped q [m, d]): a true neighbour is
+    reachable at nprobe p when its cell ranks among the p cells nearest to the query, so one
+    ranking of the centroids per sample row gives recall(p) for every p at once (the recall of
+    per-query IVF probing; the grouped search probes a superset unless max_cell_probes cuts it).
+    Returns (smallest p of NPROBE_LADDER with recall - 2 SE >= target (else nlist), info, exact)."""
+    from .knn import NPROBE_LADDER
+
+    nlist = C.shape[0]
+    m = rows.size
+    ex = (np.empty((m, k), np.int64), np.empty((m, k), np.float32))
+    exact_knn(pool, k=k, metric=metric, dev=dev, budget=budget, out=ex, progress=None,
+              compute_dtype="float32", query_rows=rows)
+    cn = C.pow(2).sum(1) if metric == "l2" else None
+    valid = ex[0] >= 0
+    nb = _prep(gather_rows(pool, ex[0], device=dev), metric)
+    cell = _nearest_centroid(nb, C, metric, cn, work).reshape(m, k).cpu()
+    key = _key(q @ C.T, metric, cn).cpu()
+    rank = torch.empty_like(key, dtype=torch.int64)
+    rank.scatter_(1, key.argsort(dim=1, stable=True), torch.arange(nlist).expand(m, nlist).contiguous())
+    r = rank.gather(1, cell).numpy()  # [m, k]: rank of each true neighbour's cell for its query
+    per_p = {}
+    ladder = [p for p in NPROBE_LADDER if p < nlist] + [nlist]
+    chosen = ladder[-1]
+    for p in ladder:
+        per_row = ((r < p) & valid).sum(1) / np.maximum(1, valid.sum(1))
+        mean, se = float(per_row.mean()), float(per_row.std(ddof=1) / math.sqrt(m)) if m > 1 else 0.0
+        per_p[p] = (mean, se)
+        if mean - 2 * se >= target:
+            chosen = p
+            break
+    mean, se = per_p[chosen]
+    if mean - 2 * se < target:
+        log.warning("knn_graph: every cell probed gives sample recall %.4f, below target_recall %.3f", mean, target)
+    info = {"tune_recall": mean, "tune_recall_se": se, "tune_rows": int(m), "target_recall": target,
+            "tune_tried": {str(p): round(v[0], 4) for p, v in per_p.items()}}
+    return chosen, info, ex
 
 
 def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=None, nprobe=None,
-                 max_cell_probes=None, train_per_cell=None, niter=None, compute_dtype=None, kernel="auto"):
+                 max_cell_probes=None, train_per_cell=None, niter=None, compute_dtype=None, kernel="auto",
+                 target_recall=None, tune_rows=None):
     """GEMM-shaped approximate self-join.
 
     Cells from k-means on a sample. Each point names its `nprobe` nearest centroids; a cell's
     queries are searched, as one matrix, against the points of the cells its points name most
-    (itself first, at most `max_cell_probes`, default 2 * nprobe): no per-query probing, and
+    (itself first, at most `max_cell_probes`, default 2 * nprobe; the requests the cap cuts
+    are searched afterwards grouped by requested cell and merged, so every point searches at
+    least its own nprobe cells): no per-query probing, and
     each point's own nprobe cells are covered unless the cap cuts them. The per-block search is
     one swappable function: matmul + topk in torch (CUDA, or CPU without FAISS), or faiss.knn on
-    the CPU (torch's CPU topk is the slow part there).
+    the CPU (torch's CPU topk is the slow part there; FAISS's k-means and quantizer too).
+    nprobe=None tunes it to `target_recall` on `tune_rows` sample rows (see `_tune_nprobe`); the
+    recall those rows reach in the finished graph is reported as info["sample_recall"].
     """
+    from .knn import DEFAULT_TARGET_RECALL, DEFAULT_TUNE_ROWS, _recall_rows, KNNGraph
+
     n, d = pool.shape
     nlist = min(nlist or default_nlist(n), n)
-    nprobe = min(nprobe or default_nprobe(nlist), nlist)
-    cap = min(nlist, max_cell_probes or 2 * nprobe)
     train_per_cell = train_per_cell or 40
     niter = 10 if niter is None else niter
     cdt = _compute_dtype(compute_dtype, dev, pool)
@@ -222,23 +290,45 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
                 kernel = "faiss"
             except ImportError:
                 pass
+    use_faiss = kernel == "faiss"
 
     # 1. Coarse partition from a seeded sample.
     rng = np.random.default_rng([seed, 0x7E])
     ntrain = min(n, nlist * train_per_cell)
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
-    C = kmeans(_prep(gather_rows(pool, sample, device=dev), metric), nlist, niter=niter, seed=seed,
-               metric=metric, work=work)
+    xt = _prep(gather_rows(pool, sample, device=dev), metric)
+    C = _train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, use_faiss=use_faiss)
     cn = C.pow(2).sum(1) if metric == "l2" else None
+    info = {}
+    tune = None
+    if nprobe is None:
+        target = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
+        m = min(ntrain, tune_rows or DEFAULT_TUNE_ROWS)
+        pick = np.sort(np.random.default_rng([seed, 0x2A]).choice(ntrain, size=m, replace=False))
+        nprobe, info, ex = _tune_nprobe(pool, sample[pick], xt[torch.from_numpy(pick).to(xt.device)], C, k=k,
+                                        metric=metric, dev=dev, budget=budget, work=work, target=target)
+        tune = (sample[pick], ex)
+    del xt
+    nprobe = min(nprobe, nlist)
+    cap = min(nlist, max_cell_probes or 2 * nprobe)
 
     # 2. Each point's nprobe nearest cells; sorted copy of the pool (float32, prepped) so that
     #    cells are slices.
     keep_on_dev = dev.type == "cpu" or n * d * 4 <= 0.5 * torch.cuda.mem_get_info(dev)[0]
     log_memory_estimate("knn_graph torch approximate (cell-sorted pool copy + probes)", n * d * 4 + n * nprobe * 4)
     req = np.empty((n, nprobe), np.int32)
+    qz = None
+    if use_faiss:
+        import faiss
+
+        qz = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+        qz.add(np.ascontiguousarray(C.numpy()))
     for s, e in pool.block_ranges(work // 4, bytes_per_row=d * 8):
         x = _prep(pool.block(s, e, device=dev), metric)
-        req[s:e] = _nearest_centroid(x, C, metric, cn, work, p=nprobe).reshape(e - s, nprobe).cpu().numpy()
+        if qz is not None:
+            req[s:e] = qz.search(x.numpy(), nprobe)[1]
+        else:
+            req[s:e] = _nearest_centroid(x, C, metric, cn, work, p=nprobe).reshape(e - s, nprobe).cpu().numpy()
     assign = req[:, 0].astype(np.int64)
     perm = np.argsort(assign, kind="stable")
     counts = np.bincount(assign, minlength=nlist)
@@ -254,29 +344,82 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     perm_t = torch.from_numpy(perm).to(dev)
 
     # 3. The self-join, cell by cell.
+    def search(qf, cand, dn):
+        """(indices into cand [m, kc'], float32 distances [m, kc']) of the nearest candidates."""
+        if use_faiss:
+            sel, dist = _topk_faiss(qf, cand, kc, metric)
+            if dist is None:  # l2: recompute from the rows (BLAS's |a|^2+|b|^2-2ab cancels)
+                dist = exact_distances(qf, cand[sel], metric)
+            return sel, dist
+        sel = _topk_torch(qf, cand, kc, metric, cdt, dn)
+        return sel, exact_distances(qf, cand[sel], metric)
+
     searched = 0
+    buf = torch.empty((0, d), dtype=torch.float32, device=xs.device)
+    xs_np = xs.numpy() if use_faiss else None
+    left_pos, left_cell = [], []  # (row position in cell order, requested cell) the cap left out
     for c in range(nlist):
         m = int(counts[c])
         if m == 0:
             continue
-        cells = _cell_probes(req[off[c]:off[c + 1]], c, nlist, cap)
+        creq = req[off[c]:off[c + 1]]
+        cells = _cell_probes(creq, c, nlist, cap)
         cells = cells[counts[cells] > 0]
-        cand = torch.cat([xs[off[p]:off[p + 1]] for p in cells]).to(dev, non_blocking=True)
-        cand_ids = torch.cat([perm_t[off[p]:off[p + 1]] for p in cells])
+        miss = ~np.isin(creq, cells) & (counts[creq] > 0)
+        if miss.any():
+            r, j = np.nonzero(miss)
+            left_pos.append(off[c] + r)
+            left_cell.append(creq[r, j])
+        M = int(counts[cells].sum())
+        if M > buf.shape[0]:  # one reused buffer
+            buf = torch.empty((max(M, 2 * buf.shape[0]), d), dtype=torch.float32, device=xs.device)
+        if use_faiss:
+            # numpy copies on the FAISS path: torch's thread pool waking between FAISS's OpenMP
+            # calls made these copies 15x slower than the copy itself (measured at 200K).
+            np.concatenate([xs_np[off[p]:off[p + 1]] for p in cells], out=buf.numpy()[:M])
+            cand = buf[:M]
+            cand_ids = torch.from_numpy(np.concatenate([perm[off[p]:off[p + 1]] for p in cells]))
+        else:
+            cand = torch.cat([xs[off[p]:off[p + 1]] for p in cells], out=buf[:M]).to(dev, non_blocking=True)
+            cand_ids = torch.cat([perm_t[off[p]:off[p + 1]] for p in cells])
         dn = cand.pow(2).sum(1) if metric == "l2" and kernel == "torch" else None
-        M = cand.shape[0]
         searched += m * M
         bq = rows_per_block(M * 12 + d * 8, work // 4, maximum=m)
         for qs in range(0, m, bq):
             qe = min(m, qs + bq)
-            qf = xs[off[c] + qs:off[c] + qe].to(dev, non_blocking=True)
-            if kernel == "faiss":
-                sel = _topk_faiss(qf, cand, kc, metric)
-            else:
-                sel = _topk_torch(qf, cand, kc, metric, cdt, dn)
-            dist = exact_distances(qf, cand[sel], metric)
+            sel, dist = search(xs[off[c] + qs:off[c] + qe].to(dev, non_blocking=True), cand, dn)
             _write(out, perm[off[c] + qs:off[c] + qe], cand_ids[sel], dist, k, progress)
-    return {"nlist": nlist, "nprobe": nprobe, "max_cell_probes": cap, "train_rows": ntrain, "niter": niter,
-            "kernel": kernel, "compute_dtype": str(cdt).replace("torch.", ""),
-            "cell_size_max": int(counts.max()), "cell_size_mean": float(n / max(1, int((counts > 0).sum()))),
-            "candidates_per_row": searched / n}
+
+    # 4. Requests the cap cut: grouped the other way round, by requested cell (a contiguous
+    #    slice of xs, no copy), each row's results merged into its row. Every row has then been
+    #    searched against all of its own nprobe cells, as per-query IVF probing would.
+    n_left = 0
+    if left_pos:
+        lp, lc = np.concatenate(left_pos), np.concatenate(left_cell)
+        n_left = int(lp.size)
+        order = np.argsort(lc, kind="stable")
+        lp, lc = lp[order], lc[order]
+        bounds = np.flatnonzero(np.diff(lc)) + 1
+        for pos, p in zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])]):
+            cand = xs[off[p]:off[p + 1]].to(dev, non_blocking=True)
+            dn = cand.pow(2).sum(1) if metric == "l2" and kernel == "torch" else None
+            searched += pos.size * cand.shape[0]
+            pos_t = torch.from_numpy(pos).to(xs.device)
+            bq = rows_per_block(cand.shape[0] * 12 + d * 8, work // 4, maximum=pos.size)
+            for qs in range(0, pos.size, bq):
+                sl = slice(qs, min(pos.size, qs + bq))
+                sel, dist = search(xs[pos_t[sl]].to(dev, non_blocking=True), cand, dn)
+                _merge_into(out, perm[pos[sl]], perm_t[off[p] + sel.to(dev)].cpu().numpy(), dist.cpu().numpy(), k)
+    info.update({"nlist": nlist, "nprobe": nprobe, "max_cell_probes": cap, "train_rows": ntrain, "niter": niter,
+                 "kernel": kernel, "compute_dtype": str(cdt).replace("torch.", ""),
+                 "cell_size_max": int(counts.max()), "cell_size_mean": float(n / max(1, int((counts > 0).sum()))),
+                 "candidates_per_row": searched / n, "cap_cut_requests": n_left})
+    if tune is not None:
+        rows, ex = tune
+        got = KNNGraph(np.asarray(out[0][rows]), np.asarray(out[1][rows]), metric, k)
+        per_row = _recall_rows(got, KNNGraph(ex[0], ex[1], metric, k))
+        info["sample_recall"] = float(per_row.mean())
+        if info["sample_recall"] < info["target_recall"]:
+            log.warning("knn_graph: the finished graph's recall on the tuning sample is %.4f, below target_recall "
+                        "%.3f", info["sample_recall"], info["target_recall"])
+    return info

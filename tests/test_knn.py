@@ -145,6 +145,32 @@ def test_tuned_nprobe_is_the_smallest_that_reaches_the_target(metric):
     assert "tune_recall" not in fixed.info
 
 
+def test_tuned_grouped_search_meets_its_estimate():
+    """torch GEMM-shaped search with nprobe=None: the per-query estimate is a lower bound of what
+    the grouped search reaches (it searches a superset of each row's own cells)."""
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, backend="faiss", exact=True)
+    g = knn_graph(X, k=10, backend="torch", exact=False, target_recall=0.97, tune_rows=800)
+    info = g.info
+    assert info["tune_recall"] - 2 * info["tune_recall_se"] >= 0.97
+    assert recall_at_k(g, exact) >= 0.97 - 0.01
+    assert info["sample_recall"] >= info["tune_recall"] - 3 * info["tune_recall_se"]
+    fixed = knn_graph(X, k=10, backend="torch", exact=False, nprobe=info["nprobe"])
+    np.testing.assert_array_equal(fixed.indices, g.indices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("kernel", ["faiss", "torch"])
+def test_grouped_search_covers_the_requests_the_cap_cuts(metric, kernel):
+    """Every row requests every cell (nprobe = nlist) but a cell searches only itself
+    (max_cell_probes=1): the second pass over the cut requests must make the graph exact."""
+    X = clustered(1500)
+    g = knn_graph(X, k=8, metric=metric, backend="torch", exact=False, nlist=12, nprobe=12, max_cell_probes=1,
+                  kernel=kernel)
+    assert g.info["cap_cut_requests"] > 1500
+    assert_same_neighbours(g, X, 8, metric)
+
+
 def test_bad_tuning_options():
     X = clustered(500)
     with pytest.raises(ValueError, match="target_recall"):
