@@ -4,11 +4,14 @@ Cycle = margin_scores(logits [N, C]) + cluster_margin (or filtered_cluster_margi
 and the cluster labels given (built once per pool, not part of a cycle). Synthetic graph: every
 point has 3 near-copies (distance ~U(0, 0.005)) and 13 other neighbours (~U(0.05, 0.5)), so the
 filter has real work; labeled set 10% of the pool, budget 10% (100K), km_ratio 1.25 and 10.
-    python benchmarks/_quality_filter_cost.py [--n 1000000] [--reps 3]
+Wall and process CPU time per cycle (the machine is shared: CPU time is the steadier of the two),
+with the load average before and after.
+    python benchmarks/_quality_filter_cost.py [--n 1000000] [--reps 5]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from _common import SHARED_MACHINE_NOTE, machine_info, peak_rss_bytes, utc_now, 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--classes", type=int, default=10)
     a = ap.parse_args()
     import torch
@@ -47,7 +50,7 @@ def main():
     labeled = rng.choice(n, n // 10, replace=False)
     budget, delta = n // 10, 0.01
     res = {"benchmark": "quality_filter_cost", "n": n, "k": k, "classes": C, "budget": budget, "labeled": labeled.size,
-           "delta": delta, "cases": {}}
+           "delta": delta, "command": "python3 " + " ".join(sys.argv), "loadavg_before": os.getloadavg(), "cases": {}}
     # check the answer first: the filtered picks contain no near-copy pairs and no copy of a labeled point
     pick = filtered_cluster_margin(margin_scores(logits, device="cpu"), labels, graph, budget, km_ratio=1.25,
                                    delta=delta, exclude=labeled, seed=0)
@@ -55,24 +58,30 @@ def main():
     gl[g[labeled]] = True
     assert pick.size == budget and not gl[g[pick]].any() and np.unique(g[pick]).size == pick.size
     for km in (1.25, 10.0):
-        t_plain, t_filt, t_filter_only = [], [], []
+        t_plain, t_filt, c_plain, c_filt = [], [], [], []
         for r in range(a.reps + 1):  # first rep = warm-up, dropped
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s = margin_scores(logits, device="cpu")
             cluster_margin(s, labels, budget, km_ratio=km, exclude=labeled, seed=r)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             s = margin_scores(logits, device="cpu")
             filtered_cluster_margin(s, labels, graph, budget, km_ratio=km, delta=delta, exclude=labeled, seed=r)
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), time.process_time()
             if r:
                 t_plain.append(t1 - t0)
                 t_filt.append(t2 - t1)
+                c_plain.append(c1 - c0)
+                c_filt.append(c2 - c1)
         res["cases"][f"km_ratio_{km}"] = {"cycle_s": float(np.median(t_plain)), "cycle_filtered_s": float(np.median(t_filt)),
                                           "overhead": float(np.median(t_filt) / np.median(t_plain) - 1),
+                                          "cycle_cpu_s": float(np.median(c_plain)),
+                                          "cycle_filtered_cpu_s": float(np.median(c_filt)),
+                                          "overhead_cpu": float(np.median(c_filt) / np.median(c_plain) - 1),
                                           "all_cycle_s": t_plain, "all_filtered_s": t_filt}
         print(km, res["cases"][f"km_ratio_{km}"], flush=True)
-    res.update(machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
-               notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up")
+    res.update(loadavg_after=os.getloadavg(), machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
+               notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up;"
+               " CPU time is the process's (all threads)")
     write_json(Path(__file__).resolve().parent / "results" / "quality_filter_cost.json", res)
 
 

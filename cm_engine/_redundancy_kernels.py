@@ -130,30 +130,39 @@ def chunk(win, key, base, ind, dist, delta, flag, cpos, state, off_old, nbj_old)
                     state[q] = 2
     # 3. among the new ones: kept(y) = not dropped and no earlier near neighbour kept. The own
     #    list gives y's earlier neighbours listed by y; the reverse adjacency (rnb, chunk-local)
-    #    those that list y. Edges point to strictly earlier keys (no cycle): a memoized
-    #    depth-first walk decides every candidate in O(m + E), without sorting the window.
+    #    those that list y without y listing them (near-copy edges are mostly mutual: those
+    #    are in y's own list already). Edges point to strictly earlier keys (no cycle): a
+    #    memoized depth-first walk decides every candidate in O(m + E), without sorting.
+    rev = np.zeros(e, dtype=np.bool_)  # edge x (p lists q) is q's only route to p
     roff = np.zeros(m + 1, dtype=np.int64)
     for t in range(m):
         p = base + t
         if state[p] == 2:
             continue
+        c = win[p]
         for x in range(off[t], off[t + 1]):
             q = cpos[nbj[x]]
             if q >= base and state[q] != 2 and earlier(key, win, p, q):
-                roff[q - base + 1] += 1
+                tq = q - base
+                mutual = False
+                for y in range(off[tq], off[tq + 1]):
+                    if nbj[y] == c:
+                        mutual = True
+                        break
+                if not mutual:
+                    rev[x] = True
+                    roff[tq + 1] += 1
     for t in range(m):
         roff[t + 1] += roff[t]
     rnb = np.empty(roff[m], dtype=np.int64)
     nxt = roff[:m].copy()
-    for t in range(m):
-        p = base + t
-        if state[p] == 2:
-            continue
-        for x in range(off[t], off[t + 1]):
-            q = cpos[nbj[x]]
-            if q >= base and state[q] != 2 and earlier(key, win, p, q):
-                rnb[nxt[q - base]] = p
-                nxt[q - base] += 1
+    if roff[m]:
+        for t in range(m):
+            for x in range(off[t], off[t + 1]):
+                if rev[x]:
+                    tq = cpos[nbj[x]] - base
+                    rnb[nxt[tq]] = base + t
+                    nxt[tq] += 1
     it = nxt  # reused: per candidate, how many of its neighbours were checked
     it[:] = 0
     stack = np.empty(m, dtype=np.int64)
@@ -197,18 +206,11 @@ def chunk(win, key, base, ind, dist, delta, flag, cpos, state, off_old, nbj_old)
 
 @njit(cache=True, nogil=True)
 def select_range(s, elig, t1, i1, t2):
-    # eligible i with (s[i], i) > (t1, i1) and s[i] <= t2, ascending; branch-free (the
-    # condition is unpredictable): a counting pass, then every index stored, the slot kept
-    # only where the condition holds
+    # eligible i with (s[i], i) > (t1, i1) and s[i] <= t2, ascending. Branch-free (the condition
+    # is unpredictable): every index is stored, its slot kept only where the condition holds. The
+    # buffer is sized for all N but only the pages of the kept slots are ever touched.
     use = elig.size > 0
-    m = 0
-    for i in range(s.size):
-        v = s[i]
-        ok = (v <= t2) & ((v > t1) | ((v == t1) & (i > i1)))
-        if use:
-            ok = ok & elig[i]
-        m += ok
-    out = np.empty(m + 1, dtype=np.int64)
+    out = np.empty(s.size + 1, dtype=np.int64)
     m = 0
     for i in range(s.size):
         v = s[i]
@@ -217,7 +219,7 @@ def select_range(s, elig, t1, i1, t2):
             ok = ok & elig[i]
         out[m] = i
         m += ok
-    return out[:m]
+    return out[:m].copy()
 
 
 @njit(cache=True, nogil=True)

@@ -456,7 +456,9 @@ def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
         last = win[n_win:][keep[n_win:]]
         last = last[_lowest_positions(s[last], want - head.size)]
         surv = np.concatenate([head, last])
-    return np.sort(surv), win.size
+    if len(f.wins) > 1:  # one chunk (lowest_k's) and its survivors are ascending already
+        surv = np.sort(surv)
+    return surv, win.size
 
 
 def _select_range(s, elig, t1, i1, t2, kernel):

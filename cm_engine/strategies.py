@@ -57,6 +57,9 @@ def lowest_k(scores: np.ndarray, k: int, *, keep: np.ndarray | None = None, bloc
     O(block + k) rather than O(N).
     """
     n = scores.size
+    if k >= (n if keep is None else int(np.count_nonzero(keep))):
+        # every (eligible) point: no selection (a partition and sort of ~N would cost 30+ ms at 1M)
+        return np.arange(n, dtype=np.int64) if keep is None else np.flatnonzero(keep).astype(np.int64, copy=False)
     if block_rows is None:
         block_rows = rows_per_block(24, maximum=n) if n else 1  # value copy + int64 index + argpartition
     block_rows = max(block_rows, 1)
@@ -123,7 +126,8 @@ def cluster_margin(scores, labels, budget, *, km_ratio=10.0, exclude=None, seed=
     dedup_graph: optional k-NN graph of the pool (KNNGraph or (indices, distances)); when given,
               the candidates first pass the near-duplicate filter (`redundancy.filtered_cluster_margin`:
               drop candidates within `delta` of a labeled or earlier-kept point; delta=None picks
-              it from the graph with `redundancy.auto_delta`).
+              it from the graph with `redundancy.auto_delta`, tens of ms at 1M: in a loop over
+              rounds, compute it once and pass it, as the selectors do).
 
     Candidates: the k_m lowest scores among the points not in `exclude`; ties at the k_m-th value
     go to the lowest pool indices. The candidates enter the round-robin sorted by pool index, so the
