@@ -18,11 +18,16 @@ sample of rows (1000) are found first, and the smallest nprobe whose recall@k on
 less two standard errors, reaches ``target_recall`` (0.95) is used; ``info`` reports the
 estimate, and for the torch search the recall the finished graph reaches on the sample.
 
-Both torch kernels live in `_knn_torch.py`; FAISS is imported here only.
+Both torch kernels live in `_knn_torch.py`; FAISS is imported lazily, here and in its CPU block kernel.
 
 Why ``backend="auto"`` picks what it picks: on the CPU FAISS's BLAS search with its
 fused heap top-k is several times faster than torch, whose CPU ``topk`` over wide score
-matrices dominates the time; so the CPU uses FAISS when it is installed and torch otherwise.
+matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. Approximate search
+on the CPU uses the GEMM-shaped self-join with ``faiss.knn`` as its per-cell kernel: a cell's
+queries against its candidates is one matrix product, where IVF's per-query list scans run at a
+fraction of the matrix-product rate (1M x 128, k=16, both tuned to 0.95: 103 s at recall 0.974
+against 137 s at 0.957 for IVF-Flat, on 2 cores); FAISS IVF is used when the float32 copy of the
+pool would not fit in memory.
 On CUDA, FAISS is used when the installed build has GPU support (``faiss.get_num_gpus() > 0``),
 else torch, whose tiled kernels run at matrix-product speed on the card.
 ``exact=None`` chooses exact search for small pools (N <= 20,000 on the CPU, N <= 1,000,000 on
@@ -166,13 +171,13 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
     opts = _check_options(backend_options)
     _check_finite(pool, budget)
 
-    if backend == "auto":
-        backend = _auto_backend(dev)
-    if backend == "faiss":
-        _import_faiss()  # fail early, naming the package
     if exact is None:
         exact = n <= EXACT_MAX_N[dev.type]
     exact = bool(exact)
+    if backend == "auto":
+        backend = _auto_backend(dev, exact=exact, pool_bytes=n * d * 4)
+    if backend == "faiss":
+        _import_faiss()  # fail early, naming the package
     if backend == "torch" and opts.get("index") not in (None, "auto"):
         raise ValueError(f"index: only the faiss backend takes it, got index={opts['index']!r} with backend='torch'")
 
@@ -318,11 +323,16 @@ def _check_finite(pool: Pool, budget: int) -> None:
             raise ValueError(f"embeddings: expected finite values, got NaN or inf in row {s + first}")
 
 
-def _auto_backend(dev: torch.device) -> str:
+def _auto_backend(dev: torch.device, *, exact: bool, pool_bytes: int) -> str:
+    """See the module docstring. On the CPU, approximate search is the GEMM-shaped torch search
+    (with faiss.knn as its block kernel when FAISS is there) while its float32 cell-sorted copy of
+    the pool fits in memory, else FAISS IVF with a compressed index."""
     if not _faiss_available():
         return "torch"
     if dev.type == "cuda":
         return "faiss" if _faiss_gpus(_import_faiss()) > 0 else "torch"
+    if not exact and pool_bytes <= _memory_limit():
+        return "torch"
     return "faiss"
 
 
