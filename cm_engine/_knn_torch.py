@@ -217,8 +217,30 @@ def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, met
     return torch.from_numpy(km.centroids.copy())
 
 
+def _sample_exact(pool, rows, q, *, k, metric, dev, budget, use_faiss):
+    """Exact k nearest other rows of sample `rows` (prepped q [m, d]): (indices [m, k] int64,
+    float32 distances [m, k]). faiss.knn over pool blocks on the CPU (torch's CPU topk is slow),
+    the tiled torch search otherwise."""
+    m = rows.size
+    if not use_faiss:
+        ex = (np.empty((m, k), np.int64), np.empty((m, k), np.float32))
+        exact_knn(pool, k=k, metric=metric, dev=dev, budget=budget, out=ex, progress=None,
+                  compute_dtype="float32", query_rows=rows)
+        return ex
+    import faiss
+
+    from .knn import _refine, _TuneSet
+
+    ts = _TuneSet(rows=rows, xq=np.ascontiguousarray(q.numpy()), kk=k + 1,
+                  metric=faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
+    for s, e in pool.block_ranges(budget // 2, bytes_per_row=pool.shape[1] * 8):
+        ts.scan(_prep(pool.block(s, e), metric).numpy(), s, faiss)
+    d = _refine(pool, rows, ts.I, metric, q)
+    return finish_rows(rows, torch.from_numpy(ts.I), d, k)
+
+
 def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k, metric, dev, budget, work,
-                 target: float):
+                 target: float, use_faiss: bool = False):
     """nprobe from the exact neighbours of sample `rows` (prepped q [m, d]): a true neighbour is
     reachable at nprobe p when its cell ranks among the p cells nearest to the query, so one
     ranking of the centroids per sample row gives recall(p) for every p at once (the recall of
@@ -228,9 +250,7 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
 
     nlist = C.shape[0]
     m = rows.size
-    ex = (np.empty((m, k), np.int64), np.empty((m, k), np.float32))
-    exact_knn(pool, k=k, metric=metric, dev=dev, budget=budget, out=ex, progress=None,
-              compute_dtype="float32", query_rows=rows)
+    ex = _sample_exact(pool, rows, q, k=k, metric=metric, dev=dev, budget=budget, use_faiss=use_faiss)
     cn = C.pow(2).sum(1) if metric == "l2" else None
     valid = ex[0] >= 0
     nb = _prep(gather_rows(pool, ex[0], device=dev), metric)
@@ -306,7 +326,8 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
         m = min(ntrain, tune_rows or DEFAULT_TUNE_ROWS)
         pick = np.sort(np.random.default_rng([seed, 0x2A]).choice(ntrain, size=m, replace=False))
         nprobe, info, ex = _tune_nprobe(pool, sample[pick], xt[torch.from_numpy(pick).to(xt.device)], C, k=k,
-                                        metric=metric, dev=dev, budget=budget, work=work, target=target)
+                                        metric=metric, dev=dev, budget=budget, work=work, target=target,
+                                        use_faiss=use_faiss)
         tune = (sample[pick], ex)
     del xt
     nprobe = min(nprobe, nlist)
