@@ -20,9 +20,12 @@ accelerated Gonzalez traversal). The result is exactly the plain O(N * budget * 
 pools most picks touch a small fraction of the pool. In the worst case (every group touched
 every pick) it does the plain traversal's arithmetic plus O(N) bookkeeping per pick.
 
+BADGE's CPU kernel (`_badge_d2_cpu`) keeps the same running minima but refreshes them in batches
+of picks with GEMMs, drawing the picks in between by exact rejection from the stale minima.
+
 When even that is too slow (the first picks of a traversal touch the whole pool, so the cost is
-at least O(N * d) per pick until the groups get small, and D^2 sampling is O(N) per pick), use
-`partitions=m` (or `partitioned`): m times less arithmetic, at the price of diversity only inside
+at least O(N * d) per pick until the groups get small; BADGE does O(N * (C + d)) arithmetic per
+pick), use `partitions=m` (or `partitioned`): m times less arithmetic, at the price of diversity only inside
 each part. The paper uses it at Open Images scale (~10M points, 100K-1M per round).
 """
 from __future__ import annotations
@@ -536,66 +539,81 @@ _lazy_kcenter = _numba.njit(cache=True, nogil=True)(_lazy_kcenter_py) if _numba 
 
 
 
-def _lazy_badge_py(U, H, first, budget, seed, picks):
-    """D^2 sampling on gradient embeddings by rejection from stale bounds (exact k-means++ seeding).
+# ----------------------------------------------------------------------------- CPU kernel: BADGE D^2 sampling
+#
+# Plain k-means++ seeding costs O(N (C + d)) memory traffic per pick (all of U [N, C] and H [N, d]
+# read to update the running minimum): at N = 1M, C = 100, d = 128 that is ~0.9 GB per pick, hours
+# for 10K picks on a CPU. The kernel below keeps the same running minima but updates them in
+# batches: between two refreshes it draws picks by exact rejection sampling from the (stale, upper
+# bound) minima, and a refresh brings the minima up to date against all picks made since, as two
+# GEMMs (U @ Uc.T, H @ Hc.T) over the rows that hold most of the D^2 mass. The arithmetic is that of
+# the plain traversal (at most), done at GEMM speed and reading the pool once per batch of picks.
 
-    w[p] = squared distance of p to its nearest pick as of last[p] picks: an upper bound of the
-    true one. A proposal p is drawn with probability w[p] / sum(w) from a sum-tree; if stale, it is
-    re-measured against the picks made since and accepted with probability w_true / w_stale
-    (the tree updated either way); a fresh proposal is accepted. Every trial accepts p with
-    probability w_true[p] / sum(w), so the accepted pick follows D^2 exactly, while points far
-    below the top of the distribution are rarely re-measured. Random numbers: numba's generator
-    seeded with `seed`. When every remaining weight is 0, picks are uniform among the unpicked.
-    """
-    m, C = U.shape
-    d = H.shape[1]
-    np.random.seed(seed)
-    S = 1
-    while S < m:
-        S *= 2
-    tree = np.zeros(2 * S, np.float64)
-    last = np.zeros(m, np.int64)
-    picked = np.zeros(m, np.bool_)
-    hn = np.empty(m, np.float64)
-    un = np.empty(m, np.float64)
-    for p in range(m):
-        s = 0.0
-        for k in range(d):
-            s += H[p, k] * H[p, k]
-        hn[p] = s
-        s = 0.0
-        for k in range(C):
-            s += U[p, k] * U[p, k]
-        un[p] = s
-    picks[0] = first
-    picked[first] = True
-    t = 1
-    c = first
-    for p in range(m):
-        if p == first:
-            continue
-        a = 0.0
-        b = 0.0
-        x = 0.0
-        y = 0.0
-        for k in range(C):
-            du = U[p, k] - U[c, k]
-            a += du * du
-            x += du * U[c, k]
-        for k in range(d):
-            dh = H[p, k] - H[c, k]
-            b += dh * dh
-            y += H[p, k] * dh
-        v = a * hn[p] + un[c] * b + 2.0 * x * y
-        tree[S + p] = v if v > 0.0 else 0.0
-        last[p] = 1
+# Share of the D^2 mass a refresh may leave stale (the smallest bounds, skipped by powers of two):
+# stale bounds cost only rejections, each re-measuring one point.
+_D2_SKIP_MASS = 0.1
+# The most picks drawn between two refreshes (the batch grows while trials are mostly accepted).
+_D2_MAX_BATCH = 512
+
+
+def _d2_pair_py(U, H, un, hn, p, c):
+    """Squared distance of gradient embeddings p and c, cancellation-free (see _BadgeSpace)."""
+    a = 0.0
+    b = 0.0
+    x = 0.0
+    y = 0.0
+    for k in range(U.shape[1]):
+        du = U[p, k] - U[c, k]
+        a += du * du
+        x += du * U[c, k]
+    for k in range(H.shape[1]):
+        dh = H[p, k] - H[c, k]
+        b += dh * dh
+        y += H[p, k] * dh
+    v = a * hn[p] + un[c] * b + 2.0 * x * y
+    return v if v > 0.0 else 0.0
+
+
+def _tree_set_py(tree, S, p, v):
+    i = S + p
+    tree[i] = v
+    i //= 2
+    while i >= 1:
+        tree[i] = tree[2 * i] + tree[2 * i + 1]
+        i //= 2
+
+
+def _tree_build_py(tree, S):
     for i in range(S - 1, 0, -1):
         tree[i] = tree[2 * i] + tree[2 * i + 1]
-    while t < budget:
+
+
+def _d2_draws_py(U, H, un, hn, tree, S, last, picked, picks, t, t_stop, max_rej, us, ui):
+    """Picks t, t+1, ... (< t_stop) by exact D^2 sampling from stale bounds in a sum-tree.
+
+    tree[S + p] = w[p], p's squared distance to its nearest pick among picks[:last[p]]: an upper
+    bound of the true D^2 weight, exact when last[p] == t. A trial descends the tree with
+    us[ui] * sum(w) (so it draws p with probability w[p] / sum(w)); a stale p is re-measured
+    against picks[last[p]:t] and accepted with probability w_true / w_old (the next uniform), the
+    tree updated either way; a fresh p is accepted. Every trial accepts p with probability
+    w_true[p] / sum(w), so the accepted pick follows the exact D^2 law; with every bound fresh
+    this is inversion of u through the cumulative weights in position order, one uniform a pick.
+    When every weight is 0 (only duplicates of picks left) the pick is uniform among the unpicked:
+    the floor(u * (m - t))-th in position order.
+    Stops at t_stop, after max_rej rejections, or when fewer than 2 uniforms are left.
+    Returns (t, ui, trials, rejections).
+    """
+    m = U.shape[0]
+    trials = 0
+    rej = 0
+    nu = us.shape[0]
+    while t < t_stop and rej < max_rej and ui + 2 <= nu:
         total = tree[1]
         if not (total > 0.0):
-            # only duplicates of picks left: uniform among the unpicked
-            r = np.random.randint(m - t)
+            r = int(us[ui] * (m - t))
+            ui += 1
+            if r >= m - t:
+                r = m - t - 1
             p = -1
             for q in range(m):
                 if not picked[q]:
@@ -604,61 +622,278 @@ def _lazy_badge_py(U, H, first, budget, seed, picks):
                         break
                     r -= 1
         else:
-            x = np.random.random() * total
+            trials += 1
+            x = us[ui] * total
+            ui += 1
             i = 1
             while i < S:
-                if x < tree[2 * i]:
+                left = tree[2 * i]
+                if x < left:
                     i = 2 * i
                 else:
-                    x -= tree[2 * i]
+                    x -= left
                     i = 2 * i + 1
             p = i - S
-            if p >= m or picked[p] or tree[S + p] <= 0.0:
+            if p >= m or picked[p] or tree[i] <= 0.0:
                 continue  # a float edge of the descent: draw again
             if last[p] < t:
-                old = tree[S + p]
+                old = tree[i]
                 best = old
                 for j in range(last[p], t):
-                    c = picks[j]
-                    a = 0.0
-                    b = 0.0
-                    xx = 0.0
-                    y = 0.0
-                    for k in range(C):
-                        du = U[p, k] - U[c, k]
-                        a += du * du
-                        xx += du * U[c, k]
-                    for k in range(d):
-                        dh = H[p, k] - H[c, k]
-                        b += dh * dh
-                        y += H[p, k] * dh
-                    v = a * hn[p] + un[c] * b + 2.0 * xx * y
-                    if v < 0.0:
-                        v = 0.0
+                    v = _d2_pair(U, H, un, hn, p, picks[j])
                     if v < best:
                         best = v
                 last[p] = t
-                i = S + p
-                tree[i] = best
-                i //= 2
-                while i >= 1:
-                    tree[i] = tree[2 * i] + tree[2 * i + 1]
-                    i //= 2
-                if np.random.random() * old >= best:
-                    continue  # rejected (its bound is now exact)
+                _tree_set(tree, S, p, best)
+                acc = us[ui] * old < best
+                ui += 1
+                if not acc:
+                    rej += 1
+                    continue
         picks[t] = p
         t += 1
         picked[p] = True
-        i = S + p
-        tree[i] = 0.0
-        i //= 2
-        while i >= 1:
-            tree[i] = tree[2 * i] + tree[2 * i + 1]
-            i //= 2
-    return t
+        _tree_set(tree, S, p, 0.0)
+    return t, ui, trials, rej
 
 
-_lazy_badge = _numba.njit(cache=True, nogil=True)(_lazy_badge_py) if _numba is not None else _lazy_badge_py
+def _mass_floor_py(tree, S, m, skip):
+    """The largest power of two tau such that the positive leaves below tau hold at most `skip`
+    of the total mass (0.0 when skip is 0 or nothing is positive)."""
+    hist = np.zeros(2200, np.float64)
+    total = 0.0
+    for p in range(m):
+        w = tree[S + p]
+        if w > 0.0:
+            hist[math.frexp(w)[1] + 1100] += w  # w in [2^(e-1), 2^e)
+            total += w
+    if not (total > 0.0) or skip <= 0.0:
+        return 0.0
+    acc = 0.0
+    for b in range(2200):
+        if acc + hist[b] > skip * total:
+            return math.ldexp(1.0, b - 1101)
+        acc += hist[b]
+    return 0.0
+
+
+def _refresh_rows_py(tree, S, m, last, since, tau):
+    """Positions p with a bound w[p] > 0 and >= tau: (A: exact as of >= `since` picks,
+    B: older), each ascending."""
+    na = 0
+    for p in range(m):
+        w = tree[S + p]
+        if w > 0.0 and w >= tau and last[p] >= since:
+            na += 1
+    nb = 0
+    for p in range(m):
+        w = tree[S + p]
+        if w > 0.0 and w >= tau and last[p] < since:
+            nb += 1
+    A = np.empty(na, np.int64)
+    B = np.empty(nb, np.int64)
+    na = 0
+    nb = 0
+    for p in range(m):
+        w = tree[S + p]
+        if w > 0.0 and w >= tau:
+            if last[p] >= since:
+                A[na] = p
+                na += 1
+            else:
+                B[nb] = p
+                nb += 1
+    return A, B
+
+
+if _numba is not None:
+    _jit = _numba.njit(cache=True, nogil=True)
+    # fastmath lets the four dot-product reductions vectorize (re-association only)
+    _d2_pair = _numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz", "arcp", "contract"})(_d2_pair_py)
+    _tree_set = _jit(_tree_set_py)
+    _tree_build = _jit(_tree_build_py)
+    _d2_draws = _jit(_d2_draws_py)
+    _mass_floor = _jit(_mass_floor_py)
+    _refresh_rows = _jit(_refresh_rows_py)
+else:  # pragma: no cover
+    _d2_pair, _tree_set, _tree_build = _d2_pair_py, _tree_set_py, _tree_build_py
+    _d2_draws, _mass_floor, _refresh_rows = _d2_draws_py, _mass_floor_py, _refresh_rows_py
+
+
+def _gather_rows_py(X, idx, out):
+    """out[r] = X[idx[r]] (torch's index_select is several times slower on the CPU)."""
+    for r in range(idx.shape[0]):
+        out[r, :] = X[idx[r], :]
+
+
+def _d2_merge_py(A, B, ridx, gn, hn, Ub, Hb, cpos, U, H, un, w):
+    """Fold one tile of GEMM products into the bounds: for row r (position p = ridx[r]),
+    v = min_j ||g_p||^2 + ||g_j||^2 - 2 A[r, j] B[r, j] ranks the centres cpos (A = <u_p, u_j>,
+    B = <h_p, h_j>); when v may improve on w[p] (within the float32 cancellation of that form) the
+    winner's distance is recomputed cancellation-free from the rows Ub[r], Hb[r] and
+    w[p] = min(w[p], it). Returns the number of improved rows."""
+    k = cpos.shape[0]
+    C = Ub.shape[1]
+    d = Hb.shape[1]
+    gc = np.empty(k, np.float32)
+    for j in range(k):
+        gc[j] = gn[cpos[j]]
+    gcmax = gc.max()
+    buf = np.empty(k, np.float32)
+    hits = 0
+    for r in range(ridx.shape[0]):
+        p = ridx[r]
+        # values in a buffer, then min over it (both loops vectorize), then the first index of it
+        for j in range(k):
+            buf[j] = gc[j] - np.float32(2.0) * A[r, j] * B[r, j]
+        best = buf.min()
+        g = gn[p]
+        # the GEMM form only ranks: its float32 error is ~1e-6 of ||g_p||^2 + ||g_c||^2
+        if best + g > w[p] + 1e-5 * (g + gcmax):
+            continue
+        jb = 0
+        for j in range(k):
+            if buf[j] == best:
+                jb = j
+                break
+        c = cpos[jb]
+        a = 0.0
+        b = 0.0
+        x = 0.0
+        y = 0.0
+        for q in range(C):
+            du = Ub[r, q] - U[c, q]
+            a += du * du
+            x += du * U[c, q]
+        for q in range(d):
+            dh = Hb[r, q] - H[c, q]
+            b += dh * dh
+            y += Hb[r, q] * dh
+        v2 = a * hn[p] + un[c] * b + 2.0 * x * y
+        if v2 < 0.0:
+            v2 = 0.0
+        if v2 < w[p]:
+            w[p] = v2
+            hits += 1
+    return hits
+
+
+if _numba is not None:
+    _gather_rows = _jit(_gather_rows_py)
+    _d2_merge = _jit(_d2_merge_py)
+else:  # pragma: no cover
+    _gather_rows, _d2_merge = _gather_rows_py, _d2_merge_py
+
+
+def _d2_refresh(U, H, un, hn, gn, rows_idx, cpos, w, budget_b):
+    """w[p] = min(w[p], min_c ||g_p - g_c||^2) for positions rows_idx against centres cpos.
+
+    Two GEMMs per tile of rows (<g_p, g_c> = <u_p, u_c><h_p, h_c>, g never materialized) rank the
+    centres; _d2_merge keeps the winner's exact distance. U [m, C], H [m, d]: float32 CPU tensors;
+    un, hn, gn: float32 numpy [m] (||u||^2, ||h||^2, ||g||^2); w: float64 numpy [m], updated.
+    Tiles: [rows, k] float32 products sized for the cache (a few MiB), within the byte budget.
+    """
+    k = int(cpos.size)
+    C, d = U.shape[1], H.shape[1]
+    rows = int(min(max(64, (4 << 20) // (8 * k)), rows_per_block(4 * (2 * k + C + d), budget_b), 1 << 16))
+    rows = max(1, min(rows, rows_idx.size))
+    ci = torch.from_numpy(np.ascontiguousarray(cpos, dtype=np.int64))
+    UcT, HcT = U[ci].T.contiguous(), H[ci].T.contiguous()
+    Ub, Hb = torch.empty((rows, C)), torch.empty((rows, d))
+    Ab, Bb = torch.empty((rows, k)), torch.empty((rows, k))
+    Un, Hn = U.numpy(), H.numpy()
+    cpos = np.ascontiguousarray(cpos, dtype=np.int64)
+    hits = 0
+    for s, e in _split(rows_idx.size, rows):
+        r = e - s
+        ridx = rows_idx[s:e]
+        _gather_rows(Un, ridx, Ub.numpy())
+        _gather_rows(Hn, ridx, Hb.numpy())
+        torch.mm(Ub[:r], UcT, out=Ab[:r])
+        torch.mm(Hb[:r], HcT, out=Bb[:r])
+        hits += _d2_merge(Ab.numpy(), Bb.numpy(), ridx, gn, hn, Ub.numpy(), Hb.numpy(), cpos, Un, Hn, un, w)
+    return hits
+
+
+def _badge_d2_cpu(U, H, first, budget, rng, budget_b, progress=None, *, skip_mass=_D2_SKIP_MASS,
+                  max_batch=_D2_MAX_BATCH, stats=None):
+    """BADGE's k-means++ seeding on the CPU: `budget` positions of the rows of (U, H), first = `first`.
+
+    U [m, C], H [m, d]: float32 CPU tensors (the factors of g = u (x) h). rng: numpy Generator,
+    one uniform per fresh trial, two per stale one (see _d2_draws). Batches of picks are drawn by
+    rejection from the running minima, which are then refreshed by GEMMs (_d2_refresh) on the
+    rows holding all but `skip_mass` of the D^2 mass; the batch doubles while >= 80% of trials are
+    accepted and halves below 50%, up to `max_batch`. With skip_mass=0 and max_batch=1 every pick
+    is drawn from exact minima: the plain algorithm, with the torch traversal's random stream.
+    stats: optional dict, filled with refreshes, trials, rejections and refreshed rows.
+    """
+    m, C = U.shape
+    d = H.shape[1]
+    un, hn = (U * U).sum(1), (H * H).sum(1)
+    gn = (un * hn).numpy()
+    un, hn = un.numpy(), hn.numpy()
+    un64, hn64 = un.astype(np.float64), hn.astype(np.float64)
+    Un, Hn = U.numpy(), H.numpy()
+    S = 1
+    while S < m:
+        S *= 2
+    tree = np.zeros(2 * S, np.float64)
+    w = tree[S:S + m]
+    w[:] = np.inf
+    last = np.zeros(m, np.int64)
+    picked = np.zeros(m, np.bool_)
+    picks = np.empty(budget, np.int64)
+    picks[0], picked[first], w[first] = first, True, 0.0
+    t, since, batch = 1, 0, 1
+    us, ui = np.zeros(0), 0
+    st = {"refreshes": 0, "trials": 0, "rejections": 0, "refreshed_rows": 0, "stale_rows": 0,
+          "pair_products": 0, "stale_pairs": 0, "hits": 0}
+    while True:
+        if t > since:  # bring the bounds up to date against picks[since:t]
+            tau = _mass_floor(tree, S, m, skip_mass) if since else 0.0
+            A, B = _refresh_rows(tree, S, m, last, since, tau)
+            if A.size:
+                st["hits"] += _d2_refresh(U, H, un, hn, gn, A, picks[since:t], w, budget_b)
+                st["pair_products"] += A.size * (t - since)
+            if B.size:  # rows skipped by earlier refreshes: grouped by staleness
+                B = B[np.argsort(last[B], kind="stable")]
+                lb = last[B]
+                # groups of equal staleness (mostly the picks of one refresh), small ones merged
+                cuts = [0] + [int(i) for i in np.flatnonzero(np.diff(lb)) + 1] + [B.size]
+                s = 0
+                for e in cuts[1:]:
+                    if e - s >= 256 or e == B.size:
+                        _d2_refresh(U, H, un, hn, gn, B[s:e], picks[lb[s]:t], w, budget_b)
+                        st["pair_products"] += (e - s) * (t - lb[s])
+                        st["stale_pairs"] += (e - s) * (t - lb[s])
+                        s = e
+                st["stale_rows"] += B.size
+            last[A] = t
+            last[B] = t
+            _tree_build(tree, S)
+            since = t
+            st["refreshes"] += 1
+            st["refreshed_rows"] += A.size + B.size
+        if t >= budget:
+            break
+        need = 4 * batch + 16  # a trial takes at most 2; at most batch picks + max(4, batch) rejections
+        if us.size - ui < need:
+            us, ui = np.concatenate([us[ui:], rng.random(max(need, 1024))]), 0
+        t0 = t
+        t, ui, trials, rej = _d2_draws(Un, Hn, un64, hn64, tree, S, last, picked, picks, t,
+                                       min(budget, t + batch), max(4, batch), us, ui)
+        st["trials"] += trials
+        st["rejections"] += rej
+        if progress is not None and t > t0:
+            progress(t - t0)
+        if trials and (t - t0) >= 0.8 * trials:
+            batch = min(max_batch, 2 * batch)
+        elif trials and (t - t0) < 0.5 * trials:
+            batch = max(1, batch // 2)
+    if stats is not None:
+        stats.update(st)
+    return picks
+
 
 # ----------------------------------------------------------------------------- CoreSet
 
@@ -776,11 +1011,15 @@ def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True,
       u = rng.random() inverted through the cumulative weights in pool order).
     kernel: "auto" (numba on the CPU, torch on a GPU); "torch": the block-wise traversal, D^2 draw
       u = rng.random() inverted through the cumulative weights in pool order (reproducible against
-      a reference given the same generator); "numba": exact D^2 sampling by rejection from stale
-      distance bounds kept in a sum-tree (same distribution, different random stream), which
-      re-measures only the points it draws: holds u [N, C] and h [N, d] as float32 in memory.
-    partitions: m > 1 runs `partitioned` (budget/m in each of m random parts); each pick costs O(N)
-      (the D^2 draw) plus the distance updates, so at N = 1M and budget 1e4-1e5 on a CPU use it.
+      a reference given the same generator); "numba" (CPU, `_badge_d2_cpu`): the same running
+      minima, refreshed in batches of picks by GEMMs (<g_i, g_c> = <u_i, u_c><h_i, h_c>) instead of
+      one O(N (C + d)) pass per pick, the picks between refreshes drawn by exact rejection from the
+      stale minima (upper bounds) in a sum-tree: the same D^2 law, a different random stream. Holds
+      u [N, C] and h [N, d] as float32 in memory.
+    partitions: m > 1 runs `partitioned` (budget/m in each of m random parts). The arithmetic is
+      O(N * budget * (C + d)) (at most; about half of it on the synthetic pools): at N = 1M,
+      budget 10K, C = 100, d = 128 a few minutes on a 2-core CPU (benchmarks/results/
+      baselines_n1000000.json); m parts divide it by m. Use it when N * budget is well beyond 1e10.
     Returns int64 [min(budget, eligible)] pool indices in pick order.
     """
     emb = Pool(embeddings, name="embeddings")
@@ -821,13 +1060,8 @@ def _badge(emb, out, cand, budget, from_logits, dev, budget_b, rng, progress, ke
         if float(nrm[i]) > best:
             best, first = float(nrm[i]), s + i
     if kernel == "numba":
-        picks = np.empty(budget, np.int64)
-        U, H = (t.numpy() for t in space.x)
-        got = _lazy_badge(np.ascontiguousarray(U), np.ascontiguousarray(H), first, budget,
-                          int(rng.integers(2**31 - 1)), picks)
-        assert got == budget
-        if progress is not None:
-            progress(budget)
+        U, H = (x.contiguous() for x in space.x)
+        picks = _badge_d2_cpu(U, H, first, budget, rng, budget_b, progress)
         return cand[picks]
     pos = _traverse(space, cand.size, budget, mode="d2", rng=rng, device=dev, rows=rows, first=first,
                     progress=progress)

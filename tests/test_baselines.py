@@ -246,19 +246,76 @@ def test_badge_probabilities_input_and_d2_statistics():
         np.testing.assert_allclose(counts / 1500, w, atol=0.04)
 
 
-def test_badge_numba_third_pick_follows_d2_with_stale_bounds():
-    """The rejection sampler's third pick (where bounds are stale) follows the exact D^2 law."""
+def _factors(h, z):
+    from cm_engine.baselines import _BadgeSpace
+    from cm_engine.pool import Pool
+
+    sp = _BadgeSpace(Pool(h), Pool(z), np.arange(len(h)), torch.device("cpu"), True, True)
+    U, H = (x.contiguous() for x in sp.x)
+    return U, H, int(_BadgeSpace.norms((U, H)).argmax())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_badge_cpu_kernel_exact_mode_equals_reference(seed):
+    """With every bound refreshed after every pick (skip_mass=0, max_batch=1) the CPU kernel is the
+    plain algorithm with the reference's random stream: the same picks, GEMM tiles big or tiny."""
+    from cm_engine.baselines import _badge_d2_cpu
+
+    rng = np.random.default_rng(seed)
+    h = blobs(300, 4, seed=seed)
+    z = (h @ rng.normal(size=(4, 6)) + rng.normal(size=(300, 6))).astype(np.float32)
+    want = ref_badge(h, z, 40, seed=seed)
+    U, H, first = _factors(h, z)
+    for budget_bytes in (None, 3000):
+        got = _badge_d2_cpu(U, H, first, 40, np.random.default_rng(seed), budget_bytes, skip_mass=0.0,
+                            max_batch=1)
+        assert np.array_equal(got, want), (budget_bytes, got, want)
+
+
+def test_badge_refresh_equals_materialized_running_minimum():
+    """The GEMM refresh of the bounds equals min(w, distances to the centres) on materialized
+    gradient embeddings, exactly 0 on duplicates of a centre, in small tiles too."""
+    from cm_engine.baselines import _d2_refresh
+
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(200, 5)).astype(np.float32)
+    z = rng.normal(size=(200, 7)).astype(np.float32) * 2
+    h[50:60], z[50:60] = h[7], z[7]  # duplicates of centre 7
+    g = grad_embeddings(h, z)
+    U, H, _ = _factors(h, z)
+    un, hn = (U * U).sum(1).numpy(), (H * H).sum(1).numpy()
+    cpos = np.array([7, 3, 120, 199])
+    rows = np.setdiff1d(np.arange(0, 200, 2), cpos)
+    w0 = np.where(rng.random(200) < 0.5, np.inf, rng.random(200) * 20)
+    d2 = ((g[:, None, :] - g[None, cpos, :]) ** 2).sum(-1).min(1)
+    want = w0.copy()
+    want[rows] = np.minimum(w0[rows], d2[rows])
+    for budget_bytes in (None, 500):
+        w = w0.copy()
+        _d2_refresh(U, H, un, hn, un * hn, rows, cpos, w, budget_bytes)
+        np.testing.assert_allclose(w, want, rtol=1e-4, atol=1e-5)
+        assert np.all(w[np.intersect1d(rows, np.arange(50, 60))] == 0)
+
+
+def test_badge_cpu_kernel_third_pick_follows_d2_with_stale_bounds():
+    """Rejection from stale bounds (refreshes skipping 95% of the mass) keeps the exact D^2 law of
+    the third pick given the second."""
+    from cm_engine.baselines import _badge_d2_cpu
+
     rng = np.random.default_rng(0)
     h = rng.normal(size=(6, 3)).astype(np.float32)
     z = rng.normal(size=(6, 4)).astype(np.float32)
     g = grad_embeddings(h, z)
+    U, H, first = _factors(h, z)
     trials = 3000
-    pair_counts, third = {}, {}
+    pair_counts, third, stale = {}, {}, 0
     for s in range(trials):
-        a, b, c = badge_select(h, z, 3, seed=s, device="cpu", kernel="numba")
+        st = {}
+        a, b, c = _badge_d2_cpu(U, H, first, 3, np.random.default_rng(s), None, skip_mass=0.95, stats=st)
+        stale += st["trials"] > 2 or st["rejections"] > 0
         pair_counts[b] = pair_counts.get(b, 0) + 1
         third[(b, c)] = third.get((b, c), 0) + 1
-    first = int(np.argmax(np.linalg.norm(g, axis=1)))
+    assert stale > 100  # the rejection path was taken
     d1 = np.linalg.norm(g - g[first], axis=1) ** 2
     for b, nb in pair_counts.items():
         if nb < 300:
@@ -323,4 +380,5 @@ def test_coreset_badge_gpu_equals_cpu():
     x = blobs(500, 8, seed=3)
     z = np.random.default_rng(0).normal(size=(500, 10)).astype(np.float32)
     assert np.array_equal(coreset_select(x, 30, device="cuda"), coreset_select(x, 30, device="cpu"))
-    assert np.array_equal(badge_select(x, z, 30, device="cuda"), badge_select(x, z, 30, device="cpu"))
+    # the torch traversal on both devices (the CPU kernel draws from a different random stream)
+    assert np.array_equal(badge_select(x, z, 30, device="cuda"), badge_select(x, z, 30, device="cpu", kernel="torch"))
