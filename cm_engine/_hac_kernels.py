@@ -67,17 +67,36 @@ def linkage(S, c, M, su, sv, Ru, Rv, alpha: float, const: float):
     return torch.where(c == prod, S / c, num / prod)
 
 
+def cosine_linkage(F, size, nu, nv, block: int):
+    """Exact average cosine distance between the clusters in slots nu and nv (int64 [q]) from
+    their sums of unit rows F [slots, d] and sizes `size` (float64 [slots]): the mean over a in A,
+    b in B of (1 - x_a . x_b) = 1 - (sum_A x) . (sum_B x) / (|A||B|). Returns float64 [q].
+    Blocked gathers (`block` bounds the edges per block's q x d temporaries)."""
+    rows = max(256, block * 8 // (3 * F.shape[1]))  # ~ the bytes of `block` edges (64 B each)
+    out = torch.empty(nu.numel(), dtype=F64, device=F.device)
+    for s in range(0, nu.numel(), rows):
+        u, v = nu[s:s + rows], nv[s:s + rows]
+        # einsum runs as a batched matmul: several times faster than (a * b).sum(1) on the CPU.
+        dot = torch.einsum("ij,ij->i", F.index_select(0, u), F.index_select(0, v))
+        out[s:s + rows] = 1.0 - dot.to(F64) / (size.index_select(0, u) * size.index_select(0, v))
+    return out
+
+
 def _scan(E, block, fn):
     """Concatenate fn(start, stop) over [0, E) in blocks (bounded temporaries)."""
-    parts = [fn(s, min(E, s + block)) for s in range(0, E, block)]
+    parts = [fn(s, min(E, s + block)) for s in range(0, E, block)] or [fn(0, 0)]
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
-def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=None):
+def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=None, feats=None):
     """Reciprocal-nearest-neighbour rounds until no mutual pair at linkage <= max_epsilon is left.
 
     u, v int64 [E] (u < v, unique), d float64 [E], r float64 [n] (k-th neighbour distance).
     impute: None for the "edges" rule (mean over edges), else (alpha, const) of `linkage`.
+    feats: None, or unit rows float [n, d] (the "exact" cosine rule): the linkage of merged
+    clusters is then exact, from the Lance-Williams sums or `cosine_linkage` of the clusters'
+    row sums (feats is overwritten with the sums); singleton pairs keep their edge distance d.
+    impute is ignored then.
     Returns (a, b, height, size, rounds): merges in creation order, node ids in scipy's
     convention (leaf i is i, the j-th merge makes node n + j), heights made monotone along the
     tree (max with the children's heights, a no-op for a reducible linkage).
@@ -90,7 +109,7 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
     array plus work proportional to the dirty edges.
     """
     dev = d.device
-    bound = impute is not None and impute[0] != 0
+    bound = feats is None and impute is not None and impute[0] != 0
     I64 = torch.int64
     size = torch.ones(n + 1, dtype=F64, device=dev)
     R = torch.cat([r.to(F64), torch.zeros(1, dtype=F64, device=dev)])
@@ -117,8 +136,11 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
     A["S"][:E] = d
     if bound:
         A["M"][:E] = 0.5 * (r.index_select(0, u) + r.index_select(0, v))
-    A["L"][:E] = d if impute is None else linkage(d, A["c"][:E], A["M"][:E] if bound else None,
-                                                   1.0, 1.0, r.index_select(0, u), r.index_select(0, v), *impute)
+    if impute is None or feats is not None:
+        A["L"][:E] = d
+    else:
+        A["L"][:E] = linkage(d, A["c"][:E], A["M"][:E] if bound else None, 1.0, 1.0,
+                             r.index_select(0, u), r.index_select(0, v), *impute)
     del u, v, d
     live = E  # edges not dead
 
@@ -177,6 +199,8 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         height.index_copy_(0, x, h)
         size.index_copy_(0, x, out_s[-1])
         R.index_copy_(0, x, R.index_select(0, x) + R.index_select(0, y))
+        if feats is not None:  # x and y are disjoint slot sets (index_copy_ beats index_add_ here)
+            feats.index_copy_(0, x, feats.index_select(0, x) + feats.index_select(0, y))
         size.index_fill_(0, y, 0.0)
         best.index_fill_(0, y, math.inf)
         nn.index_fill_(0, y, n)
@@ -204,7 +228,21 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         del inv, tsel
         nu, nv = uniq // n, uniq % n
         del uniq
-        if impute is None:
+        if feats is not None:
+            # S, c: sum of the distances and count of the member pairs already known (c = 1 for a graph
+            # edge; c = |A||B| once a linkage was computed in full). When the coalesced parts cover
+            # every pair, S / c is the exact linkage (average linkage's Lance-Williams update) and
+            # needs no gather; else it comes from the row sums, and the edge becomes fully known.
+            prod = size.index_select(0, nu) * size.index_select(0, nv)
+            nL = nS / nc
+            part = torch.nonzero(nc != prod).squeeze(1)
+            pp = prod.index_select(0, part)
+            Lp = cosine_linkage(feats, size, nu.index_select(0, part), nv.index_select(0, part), block)
+            nL.index_copy_(0, part, Lp)
+            nS.index_copy_(0, part, Lp * pp)
+            nc.index_copy_(0, part, pp)
+            del prod, part, pp, Lp
+        elif impute is None:
             nL = nS / nc
         else:
             nL = linkage(nS, nc, nM, size.index_select(0, nu), size.index_select(0, nv),
@@ -213,7 +251,9 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         A["v"].index_fill_(0, touch, n)
         A["L"].index_fill_(0, touch, math.inf)
         live += q - touch.numel()
-        if E + q > A["u"].numel():  # out of spare capacity: compact the live edges
+        # Compact the live edges when out of spare capacity, or when most of [0, E) is dead
+        # (late rounds merge few clusters each: scans over dead edges would dominate them).
+        if E + q > A["u"].numel() or live < E // 2:
             keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
             B = alloc(keepi.numel() + q)
             for name, t in A.items():

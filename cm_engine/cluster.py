@@ -155,7 +155,9 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
       mean cluster size whose epsilon is chosen from the merge list.
     k, metric ("cosine" | "l2"), backend, device, exact, seed, budget_bytes, **options: passed to
       `knn_graph` (options are its backend options: nlist, nprobe, ...). missing, missing_value:
-      how pairs that are not graph edges count in the linkage (see `hac`; None: hac's default).
+      how pairs that are not graph edges count in the linkage (see `hac`). None: "exact" for
+      cosine (exact average linkage from the embeddings, the graph only restricting which
+      clusters may merge), "constant" for l2.
     cache_dir: directory of the on-disk cache (created if needed; must be writable), or None.
     verify: "full" (checksum cached arrays on load) or "size". full_fingerprint: hash every byte
       of the pool for the key instead of the default sample of rows.
@@ -170,8 +172,12 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
         raise TypeError(f"progress: expected a callable or None, got {type(progress).__name__}")
     from .hac import HACParams, Merges, hac_merges
 
+    if missing is None:
+        missing = "exact" if metric == "cosine" else "constant"
     hac_kw = {key: v for key, v in (("missing", missing), ("missing_value", missing_value)) if v is not None}
     hparams = HACParams(**hac_kw)  # validates missing / missing_value (ValueError naming them)
+    if hparams.missing == "exact" and metric != "cosine":
+        raise ValueError(f'missing: "exact" is for metric "cosine", got metric {metric!r} (use "constant")')
     gparams = GraphParams(k=k, metric=metric, backend=backend, exact=None if exact is None else bool(exact),
                           seed=seed, options=tuple(sorted(options.items())))
     params = ClusterParams(graph=gparams, hac=hparams)
@@ -203,7 +209,8 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
                        device=device, budget_bytes=budget_bytes, progress=progress)
         t = _stage_done(timings, "graph", t)
         built = graph if cache is None else None  # kept for Clustering.graph (no cache to reload from)
-        merges = hac_merges(graph, max_epsilon=None, device=device, budget_bytes=budget_bytes, **hac_kw)
+        merges = hac_merges(graph, embeddings=pool if hparams.missing == "exact" else None, max_epsilon=None,
+                            device=device, budget_bytes=budget_bytes, **hac_kw)
         del graph
         if cache is not None:
             hits["merges"] = False

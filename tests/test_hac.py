@@ -13,7 +13,8 @@ from scipy.spatial.distance import cdist, pdist, squareform
 
 from cm_engine.hac import HACParams, Merges, cut, epsilon_for_mean_size, graph_hac, hac_merges
 
-MISSING = ["constant", "bound", "edges"]
+MISSING = ["constant", "bound", "edges"]  # the rules that need only the graph
+ALL = ["exact"] + MISSING  # "exact" also needs the embeddings, and a cosine graph
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -40,11 +41,13 @@ def same_partition(a, b) -> bool:
     return len(pairs) == len(np.unique(a)) == len(np.unique(b))
 
 
-def ref_rac(idx, dist, missing="constant", missing_value=None):
+def ref_rac(idx, dist, missing="constant", missing_value=None, X=None):
     """Slow reference: the same rounds (all reciprocal nearest-neighbour pairs of adjacent
     clusters merge, ties to the smaller slot), with dense pair sums and Python loops.
-    Returns sorted heights and a function eps -> labels."""
+    missing="exact": the linkage is the mean of the dense cosine distances of X over all member
+    pairs (adjacency still from the graph). Returns sorted heights and a function eps -> labels."""
     n, k = idx.shape
+    Dfull = squareform(pdist(X, "cosine")) if missing == "exact" else None
     S = np.zeros((n, n))
     C = np.zeros((n, n))
     M = np.zeros((n, n))
@@ -68,6 +71,8 @@ def ref_rac(idx, dist, missing="constant", missing_value=None):
 
     def L(a, b):
         prod = size[a] * size[b]
+        if missing == "exact":
+            return Dfull[np.ix_(members[a], members[b])].mean()
         if C[a, b] == prod or missing == "edges":
             return S[a, b] / C[a, b]
         if missing == "bound":
@@ -126,15 +131,15 @@ def midpoints(h):
 # ------------------------------------------------------------------------------ exactness
 
 
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("metric,missing", [(mt, ms) for mt in ["euclidean", "cosine"] for ms in ALL
+                                            if mt == "cosine" or ms != "exact"])
 @pytest.mark.parametrize("data", ["random", "clustered"])
-@pytest.mark.parametrize("missing", MISSING)
 def test_complete_graph_equals_scipy(metric, data, missing):
     rng = np.random.default_rng(hash((metric, data, missing)) % 2**32)
     n = 120
     X = rng.normal(size=(n, 6)) if data == "random" else clustered(n, 6, rng)
     idx, dist = knn(X, n - 1, metric)
-    m = hac_merges((idx, dist), missing=missing, device="cpu")
+    m = hac_merges((idx, dist), embeddings=X if missing == "exact" else None, missing=missing, device="cpu")
     Z = linkage(X, "average", metric=metric)
     assert len(m) == n - 1
     np.testing.assert_allclose(m.dist, np.sort(Z[:, 2]), rtol=1e-12, atol=1e-12)
@@ -145,12 +150,13 @@ def test_complete_graph_equals_scipy(metric, data, missing):
         assert same_partition(fcluster(m.to_linkage(), eps, "distance"), fcluster(Z, eps, "distance"))
 
 
-@pytest.mark.parametrize("metric,n", [("euclidean", 2000), ("cosine", 700)])
-def test_complete_graph_large(metric, n):
+@pytest.mark.parametrize("metric,n,missing", [("euclidean", 2000, "constant"), ("cosine", 700, "constant"),
+                                              ("cosine", 700, "exact")])
+def test_complete_graph_large(metric, n, missing):
     rng = np.random.default_rng(7)
     X = clustered(n, 5, rng, centers=12)
     idx, dist = knn(X, n - 1, metric)
-    m = hac_merges((idx, dist), device="cpu")
+    m = hac_merges((idx, dist), embeddings=X if missing == "exact" else None, missing=missing, device="cpu")
     Z = linkage(X, "average", metric=metric)
     np.testing.assert_allclose(m.dist, np.sort(Z[:, 2]), rtol=1e-10, atol=1e-12)
     mids = midpoints(Z[:, 2])
@@ -186,6 +192,38 @@ def test_knn_graph_equals_reference(missing, k):
     np.testing.assert_allclose(m.dist, h, rtol=1e-12, atol=1e-12)
     for eps in midpoints(h):
         assert same_partition(cut(m, eps), labels(eps)), eps
+
+
+@pytest.mark.parametrize("k", [3, 8])
+def test_exact_rule_equals_reference(k):
+    """missing="exact" on a sparse cosine graph: the dense mean over member pairs, adjacency
+    from the graph; float32 embeddings give the same merges up to float32 rounding."""
+    rng = np.random.default_rng(20 + k)
+    X = clustered(70, 4, rng, centers=5)
+    idx, dist = knn(X, k, "cosine")
+    idx = idx.copy()
+    idx[rng.random(idx.shape) < 0.1] = -1
+    m = hac_merges((idx, dist), embeddings=X, device="cpu")  # missing=None: "exact" with embeddings
+    h, labels = ref_rac(idx, dist, "exact", X=X)
+    np.testing.assert_allclose(m.dist, h, rtol=1e-10, atol=1e-12)
+    for eps in midpoints(h):
+        assert same_partition(cut(m, eps), labels(eps)), eps
+    m32 = hac_merges((idx, dist), embeddings=torch.from_numpy(X.astype(np.float32)), missing="exact", device="cpu")
+    np.testing.assert_allclose(m32.dist, h, rtol=1e-4, atol=1e-5)
+    mids = midpoints(h)
+    eps = mids[len(mids) // 2]
+    assert same_partition(cut(m32, eps), labels(eps))
+    assert same_partition(graph_hac((idx, dist), epsilon=eps, embeddings=X, device="cpu"), labels(eps))
+
+
+def test_exact_rule_is_not_the_graph_rules():
+    """On a sparse graph "exact" differs from "constant" (it sees the true far-pair distances)."""
+    rng = np.random.default_rng(4)
+    X = clustered(200, 6, rng, centers=10)
+    idx, dist = knn(X, 4, "cosine")
+    a = hac_merges((idx, dist), embeddings=X, device="cpu")
+    b = hac_merges((idx, dist), missing="constant", device="cpu")
+    assert not np.allclose(a.dist, b.dist)
 
 
 def test_missing_value_and_max_epsilon():
@@ -237,9 +275,10 @@ def test_small_budget_equals_default():
     rng = np.random.default_rng(9)
     X = clustered(400, 5, rng)
     idx, dist = knn(X, 10, "cosine")
-    for missing in MISSING:
-        a = hac_merges((idx, dist), missing=missing, device="cpu")
-        b = hac_merges((idx, dist), missing=missing, device="cpu", budget_bytes=4096)
+    for missing in ALL:
+        emb = X if missing == "exact" else None
+        a = hac_merges((idx, dist), embeddings=emb, missing=missing, device="cpu")
+        b = hac_merges((idx, dist), embeddings=emb, missing=missing, device="cpu", budget_bytes=4096)
         for f in ("a", "b", "dist", "size"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
@@ -250,9 +289,10 @@ def test_gpu_equals_cpu():
     rng = np.random.default_rng(2)
     X = clustered(3000, 8, rng)
     idx, dist = knn(X, 16, "cosine")
-    for missing in MISSING:
-        a = hac_merges((idx, dist), missing=missing, device="cpu")
-        b = hac_merges((idx, dist), missing=missing, device="cuda")
+    for missing in ALL:
+        emb = X if missing == "exact" else None
+        a = hac_merges((idx, dist), embeddings=emb, missing=missing, device="cpu")
+        b = hac_merges((idx, dist), embeddings=emb, missing=missing, device="cuda")
         np.testing.assert_allclose(a.dist, b.dist, rtol=1e-9)
         for eps in np.quantile(a.dist, [0.3, 0.7, 0.95]):
             assert same_partition(cut(a, eps), cut(b, eps))
@@ -308,7 +348,7 @@ def test_epsilon_for_mean_size():
 
 def test_hac_params_frozen_and_checked():
     p = HACParams()
-    assert p.missing == "constant" and hash(p) == hash(HACParams())
+    assert p.missing == "exact" and hash(p) == hash(HACParams())
     with pytest.raises(Exception):
         p.missing = "bound"
     with pytest.raises(ValueError, match="missing"):
@@ -362,6 +402,23 @@ def test_bad_input():
         epsilon_for_mean_size(m, 0.5)
     with pytest.raises(TypeError, match="merges"):
         cut((idx, dist), 0.5)
+    X = rng.normal(size=(20, 3))
+    with pytest.raises(ValueError, match="embeddings"):
+        hac_merges((idx, dist), missing="exact")  # no embeddings
+    with pytest.raises(ValueError, match=r"embeddings.*\[20, d\]"):
+        hac_merges((idx, dist), embeddings=X[:19])
+    with pytest.raises(ValueError, match="embeddings"):
+        hac_merges((idx, dist), embeddings=X, missing="constant")
+    Xn = X.copy()
+    Xn[3, 1] = np.nan
+    with pytest.raises(ValueError, match="embeddings.*finite"):
+        hac_merges((idx, dist), embeddings=Xn)
+
+    class L2Graph:
+        indices, distances, metric = idx, dist, "l2"
+
+    with pytest.raises(ValueError, match="cosine"):
+        hac_merges(L2Graph(), embeddings=X)
     # a missing (-1) entry may carry any distance
     d3, i3 = dist.copy(), idx.copy()
     i3[4, 3], d3[4, 3] = -1, np.inf
@@ -392,6 +449,8 @@ def test_ari_text_floor():
     Z = linkage(X, "average", metric="cosine")
     eps = np.sort(Z[:, 2])[n - n // 10 - 1]
     idx, dist = knn(X, 16, "cosine")
-    m = hac_merges((idx, dist), device="cpu")
-    lab = cut(m, epsilon_for_mean_size(m, 10))
-    assert adjusted_rand_score(fcluster(Z, eps, "distance"), lab) > 0.3
+    ref = fcluster(Z, eps, "distance")
+    m = hac_merges((idx, dist), embeddings=X, device="cpu")  # cluster()'s default rule for cosine
+    assert adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))) > 0.95
+    m = hac_merges((idx, dist), device="cpu")  # graph only: "constant"
+    assert adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))) > 0.3
