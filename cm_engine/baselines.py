@@ -910,7 +910,8 @@ def coreset_select(embeddings, budget, *, exclude=None, metric="l2", device="aut
     budget_bytes: working-memory budget (blocks; the candidate set is kept on the device when it fits).
     partitions: m >= 1; m > 1 runs `partitioned` (split at random into m parts, budget/m each,
       each part's labeled points as its initial centres). Needed when O(N * budget * d) work is
-      too slow (CPU, N * budget >~ 1e10), see the module docstring.
+      too slow (CPU, N * budget >~ 1e10): measured on a shared 2-core CPU at N = 1M, d = 128,
+      budget 10K, 210 s whole and 20 s with m = 10 (benchmarks/results/baselines_n1000000.json).
     kernel: "auto" (numba on the CPU, torch on a GPU), "numba" (CPU lazy greedy: a max-heap of
       distance bounds, each point re-measured only when its stale bound reaches the top; exact,
       and on most pools a small fraction of the plain traversal's arithmetic) or "torch" (the
@@ -1017,9 +1018,11 @@ def badge_select(embeddings, outputs, budget, *, exclude=None, from_logits=True,
       stale minima (upper bounds) in a sum-tree: the same D^2 law, a different random stream. Holds
       u [N, C] and h [N, d] as float32 in memory.
     partitions: m > 1 runs `partitioned` (budget/m in each of m random parts). The arithmetic is
-      O(N * budget * (C + d)) (at most; about half of it on the synthetic pools): at N = 1M,
-      budget 10K, C = 100, d = 128 a few minutes on a 2-core CPU (benchmarks/results/
-      baselines_n1000000.json); m parts divide it by m. Use it when N * budget is well beyond 1e10.
+      O(N * budget * (C + d)) (at most; 0.6-0.7 of it measured on the synthetic pools) and m parts
+      divide it by m. Measured on a shared 2-core CPU, one torch thread, N = 1M, d = 128,
+      C = 100, budget 10K: 76 s whole, 20 s with m = 10 (CoreSet: 210 s and 20 s;
+      benchmarks/results/baselines_n1000000.json). Not needed up to N * budget ~ 1e10; beyond, time grows with
+      N * budget (extrapolated: ~13 min at 1e11 on that CPU), so use m ~ N * budget / 1e10.
     Returns int64 [min(budget, eligible)] pool indices in pick order.
     """
     emb = Pool(embeddings, name="embeddings")
