@@ -26,7 +26,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--classes", type=int, default=10,
+                    help="classes of the logits scored in each cycle (the pipeline benchmarks use 100)")
+    ap.add_argument("--tag", default="", help="results file quality_filter_cost<tag>.json")
     a = ap.parse_args()
     import torch
 
@@ -82,7 +84,7 @@ def main():
     res.update(loadavg_after=os.getloadavg(), machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
                notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up;"
                " CPU time is the process's (all threads)")
-    write_json(Path(__file__).resolve().parent / "results" / "quality_filter_cost.json", res)
+    write_json(Path(__file__).resolve().parent / "results" / f"quality_filter_cost{a.tag}.json", res)
 
 
 if __name__ == "__main__":
