@@ -76,7 +76,8 @@ ALGORITHM_VERSION = 1
 
 @dataclass(frozen=True)
 class HACParams:
-    """Parameters of `hac_merges` (also the cache key of a merge list)."""
+    """Parameters of `hac_merges` (also the cache key of a merge list). missing defaults to
+    "exact", cluster()'s rule for cosine pools (hac_merges on a bare graph, and l2, use "constant")."""
 
     missing: str = "exact"
     missing_value: float | None = None
@@ -349,10 +350,11 @@ def epsilon_for_mean_size(merges: Merges, target_mean_size) -> float:
 
 def graph_hac(graph, *, epsilon, embeddings=None, missing=None, missing_value=None, device="auto",
               budget_bytes=None, progress=None) -> np.ndarray:
-    """Average-linkage HAC over `graph`, merging while the linkage is <= epsilon.
+    """Average-linkage HAC over `graph`, merging while the linkage is <= epsilon (arguments as
+    in `hac_merges`; with the embeddings of a cosine graph the linkage is exact, see "exact").
 
     Returns int64 labels [N], contiguous from 0 (numbered by smallest member)."""
     eps = check_float("epsilon", epsilon, min=0.0)
-    merges = hac_merges(graph, embeddings=embeddings, max_epsilon=eps, missing=missing, missing_value=missing_value, device=device,
-                        budget_bytes=budget_bytes, progress=progress)
+    merges = hac_merges(graph, embeddings=embeddings, max_epsilon=eps, missing=missing, missing_value=missing_value,
+                        device=device, budget_bytes=budget_bytes, progress=progress)
     return cut(merges, eps)
