@@ -18,6 +18,16 @@ SUMMARY_STRATEGIES = ("margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", 
                       "cm_10_largest_g4", "margin_filter", "cm_1.25_filter")
 
 
+#: Table order of the strategies (the order of quality.STRATEGIES; merged runs may list them in any order).
+ORDER = ("random", "margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", "cm_10", "exact_cm_10", "cm_10_largest",
+         "cm_10_random", "cm_10_labelaware", "cm_10_largest_g4", "cm_10_labelaware_g4", "margin_filter",
+         "cm_1.25_filter")
+
+
+def _ordered(S):
+    return sorted(S.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER))
+
+
 def _load(results: Path):
     out = {}
     for p in sorted(results.glob("quality_*_*.json")):
@@ -74,7 +84,7 @@ def _pool_table(key, r):
              "labels to random's final | label savings | select s/round | picks near labeled | picks near "
              "co-picked |" + (" true copies of labeled | true copies in batch |" if red else ""),
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if red else "")]
-    for s, d in S.items():
+    for s, d in _ordered(S):
         need, sav = d.get("labels_to_random_final"), d.get("label_savings")
         row = (f"| {s} | {100 * d['mean_acc']:.2f} ± {100 * d['se']:.2f} | "
                f"{'-' if s == 'random' else _pdf(_pd(r, s, 'random'))} | "
@@ -100,19 +110,25 @@ def _targets_5(runs):
             within = abs(diff) <= b["se"]
             pair_within = pdiff is not None and abs(pdiff[0]) <= pdiff[1]
             n, n_ok, n_ok_pair = n + 1, n_ok + within, n_ok_pair + pair_within
-            n_not_worse += pdiff[0] >= -pdiff[1]
-            verdict = "tie" if pair_within else ("engine better" if pdiff[0] > 0 else "engine worse")
+            n_not_worse += bool(pdiff[0] >= -pdiff[1])
+            if pdiff[2] < 2:
+                verdict = "1 seed: no SE"
+            else:
+                verdict = "tie" if pair_within else ("engine better" if pdiff[0] > 0 else "engine worse")
+            sp = r.get("strategy_pool", {}).get(f"cm_{km}", r["pool"])  # the clustering cm_{km} ran with
+            hac = f"{sp.get('ari_engine_vs_exact', float('nan')):.2f} ({sp.get('hac_source_sha', 'before hashes')})"
             rows.append(f"| {_name(ds, var, bf)} | {km} | {100 * a['mean_acc']:.2f} ± {100 * a['se']:.2f} | "
                         f"{100 * b['mean_acc']:.2f} ± {100 * b['se']:.2f} | {100 * diff:+.2f} | "
                         f"{'yes' if within else 'no'} | {_pdf(pdiff)} | {'yes' if pair_within else 'no'} | "
-                        f"{verdict} | {pdiff[2]} |")
+                        f"{verdict} | {pdiff[2]} | {hac} |")
     head = ["### Issue 5: Cluster-Margin with the engine's HAC vs exact HAC", "",
             "Two readings of \"within one SE\": (a) |engine − exact| ≤ the SE of exact's mean (SE over seeds of "
             "the mean accuracy over rounds, the issue's literal wording); (b) the paired difference (same seeds, "
             "same seed sets) within one SE of that difference — the test that removes the seed-set variance "
             "both share. Verdict from (b): tie when |paired diff| ≤ its SE, otherwise the sign.", "",
             "| pool | km_ratio | engine ± SE | exact ± SE | diff | (a) within exact's SE | paired diff ± SE | "
-            "(b) within | verdict | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "(b) within | verdict | seeds | ARI engine vs exact HAC (source hash) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     tail = ["", f"(a) holds in {n_ok} of {n} settings; (b) in {n_ok_pair} of {n}; the engine is not worse than "
                 f"exact by more than one paired SE (one-sided: \"loses nothing\") in {n_not_worse} of {n}.", ""]
     return head + rows + tail
@@ -177,7 +193,7 @@ def _summary_table(runs):
     """README table: mean acc over rounds, as paired difference vs random, per pool."""
     cols = [s for s in SUMMARY_STRATEGIES if any(s in r["summary"] for r in runs.values())]
     lines = ["### Summary: gain over random (points of mean accuracy over rounds, paired by seed)", "",
-             "| pool | random | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+             "| pool | N | seeds | random | " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * len(cols)]
     for key, r in runs.items():
         S = r["summary"]
         if "random" not in S:
@@ -186,7 +202,8 @@ def _summary_table(runs):
         for s in cols:
             p = _pd(r, s, "random") if s in S else None
             cells.append("-" if p is None else f"{100 * p[0]:+.1f}")
-        lines.append(f"| {_name(*key)} | {100 * S['random']['mean_acc']:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(*key)} | {r['pool']['n_pool']} | {r['protocol']['seeds']} | "
+                     f"{100 * S['random']['mean_acc']:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Label savings (fraction fewer labels than random needs to reach random's final accuracy; "
               "'-' = never reached within the rounds):", "", "| pool | " + " | ".join(cols) + " |",
               "|---|" + "---|" * len(cols)]
