@@ -203,6 +203,13 @@ def _topk_faiss(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str):
     return torch.from_numpy(i), dist
 
 
+def grouped_nlist(n: int) -> int:
+    """Cells of the grouped search: about 4 sqrt(N) as for IVF, but none under ~256 points on
+    average, since a cell's queries form one matrix product and small ones waste it (at 50K:
+    195 cells took 18.5 s at recall 0.992 where 894 took 46.7 s at 0.985, same run)."""
+    return max(1, min(default_nlist(n), n // 256))
+
+
 def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
                      use_faiss: bool) -> torch.Tensor:
     """k-means centroids [nlist, d] float32 of the prepped sample xt: FAISS's k-means on the CPU
@@ -296,7 +303,7 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     from .knn import DEFAULT_TARGET_RECALL, DEFAULT_TUNE_ROWS, _recall_rows, KNNGraph
 
     n, d = pool.shape
-    nlist = min(nlist or default_nlist(n), n)
+    nlist = min(nlist or grouped_nlist(n), n)
     train_per_cell = train_per_cell or 40
     niter = 10 if niter is None else niter
     cdt = _compute_dtype(compute_dtype, dev, pool)

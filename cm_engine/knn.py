@@ -588,7 +588,7 @@ def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist
 
 
 #: nprobe values tried, in order, when nprobe is tuned (capped at nlist).
-NPROBE_LADDER = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NPROBE_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 #: Recall@k that tuned approximate search aims for (its lower 2-SE bound on the sample).
 DEFAULT_TARGET_RECALL = 0.95
 #: Sample rows whose exact neighbours tune nprobe (~ 1 s per 1M x 128 rows of pool on 2 cores).
