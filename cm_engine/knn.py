@@ -153,10 +153,11 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
     backend_options (approximate): nlist (cells), nprobe (cells probed), train_per_cell
       (sample rows per cell for k-means), niter (k-means iterations), index ("auto" | "flat" |
       "sq16" | "sq8": how FAISS stores the pool), memory_limit_bytes (when the float32 pool is
-      larger, FAISS stores it compressed); (faiss) when nprobe is not given it is tuned: the
-      smallest nprobe whose recall@k on `tune_rows` sample rows (default 1000; their exact
-      neighbours are found during the index's add pass) is at least `target_recall` (default 0.95)
-      with two standard errors to spare; (torch) compute_dtype ("float32" | "float16" |
+      larger, FAISS stores it compressed); (both approximate searches) when nprobe is not given
+      it is tuned: the smallest nprobe whose recall@k on `tune_rows` sample rows (default 1000)
+      is at least `target_recall` (default 0.95) with two standard errors to spare; (torch
+      approximate) max_cell_probes (cells a cell's queries search as one matrix, default
+      2 * nprobe; cut requests are searched in a second pass), kernel ("auto" | "faiss" | "torch"); (torch) compute_dtype ("float32" | "float16" |
       "bfloat16"; final distances are always recomputed in float32).
     Returns a KNNGraph with indices [N, k] (int32 if N < 2**31) and distances [N, k] float32.
     """
