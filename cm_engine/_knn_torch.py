@@ -236,14 +236,13 @@ def _sample_exact(pool, rows, q, *, k, metric, dev, budget, use_faiss):
         return ex
     import faiss
 
-    from .knn import _refine, _TuneSet
+    from .knn import _TuneSet
 
     ts = _TuneSet(rows=rows, xq=np.ascontiguousarray(q.numpy()), kk=k + 1,
                   metric=faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
     for s, e in pool.block_ranges(budget // 2, bytes_per_row=pool.shape[1] * 8):
         ts.scan(_prep(pool.block(s, e), metric).numpy(), s, faiss)
-    d = _refine(pool, rows, ts.I, metric, q)
-    return finish_rows(rows, torch.from_numpy(ts.I), d, k)
+    return ts.exact(pool, metric, k)
 
 
 def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k, metric, dev, budget, work,
@@ -253,7 +252,7 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
     ranking of the centroids per sample row gives recall(p) for every p at once (the recall of
     per-query IVF probing; the grouped search probes a superset unless max_cell_probes cuts it).
     Returns (smallest p of NPROBE_LADDER with recall - 2 SE >= target (else nlist), info, exact)."""
-    from .knn import NPROBE_LADDER
+    from .knn import mean_se, nprobe_ladder, tuned
 
     nlist = C.shape[0]
     m = rows.size
@@ -266,21 +265,15 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
     rank = torch.empty_like(key, dtype=torch.int64)
     rank.scatter_(1, key.argsort(dim=1, stable=True), torch.arange(nlist).expand(m, nlist).contiguous())
     r = rank.gather(1, cell).numpy()  # [m, k]: rank of each true neighbour's cell for its query
-    per_p = {}
-    ladder = [p for p in NPROBE_LADDER if p < nlist] + [nlist]
+    memo = {}
+    ladder = nprobe_ladder(nlist)
     chosen = ladder[-1]
-    for p in ladder:
-        per_row = ((r < p) & valid).sum(1) / np.maximum(1, valid.sum(1))
-        mean, se = float(per_row.mean()), float(per_row.std(ddof=1) / math.sqrt(m)) if m > 1 else 0.0
-        per_p[p] = (mean, se)
-        if mean - 2 * se >= target:
+    for p in ladder:  # every p is free to measure here: the first that passes
+        memo[p] = mean_se(((r < p) & valid).sum(1) / np.maximum(1, valid.sum(1)))
+        if memo[p][0] - 2 * memo[p][1] >= target:
             chosen = p
             break
-    mean, se = per_p[chosen]
-    if mean - 2 * se < target:
-        log.warning("knn_graph: every cell probed gives sample recall %.4f, below target_recall %.3f", mean, target)
-    info = {"tune_recall": mean, "tune_recall_se": se, "tune_rows": int(m), "target_recall": target,
-            "tune_tried": {str(p): round(v[0], 4) for p, v in per_p.items()}}
+    chosen, info = tuned(chosen, memo, m, target)
     return chosen, info, ex
 
 

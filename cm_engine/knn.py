@@ -616,6 +616,34 @@ class _TuneSet:
         else:
             self.D, self.I = _merge(self.D, self.I, D, I, self.kk)
 
+    def exact(self, pool: Pool, metric: str, k: int):
+        """The sample's exact k nearest other rows once every block was scanned: (indices [m, k]
+        int64, distances [m, k] float32 recomputed from the rows, self dropped)."""
+        d = _refine(pool, self.rows, self.I, metric, torch.from_numpy(self.xq))
+        return finish_rows(self.rows, torch.from_numpy(self.I), d, k)
+
+
+def nprobe_ladder(nlist: int) -> list[int]:
+    """The nprobe values tuning may choose for `nlist` cells, ascending, ending at nlist."""
+    return [p for p in NPROBE_LADDER if p < nlist] + [nlist]
+
+
+def mean_se(per_row: np.ndarray) -> tuple[float, float]:
+    """Mean of per-row recalls and its standard error."""
+    m = len(per_row)
+    return float(per_row.mean()), float(per_row.std(ddof=1) / math.sqrt(m)) if m > 1 else 0.0
+
+
+def tuned(p: int, memo: dict, m: int, target: float) -> tuple[int, dict]:
+    """(p, info) for the chosen nprobe p, from the (mean, se) measured per tried nprobe in `memo`;
+    warns when even p misses the target (only when p is the last of the ladder)."""
+    r, se = memo[p]
+    if r - 2 * se < target:
+        log.warning("knn_graph: nprobe=%d (every cell) gives sample recall %.4f, below target_recall %.3f", p, r,
+                    target)
+    return p, {"tune_recall": r, "tune_recall_se": se, "tune_rows": int(m), "target_recall": target,
+               "tune_tried": {str(key): round(v[0], 4) for key, v in sorted(memo.items())}}
+
 
 def tune_nprobe(ix, tune: _TuneSet, pool: Pool, k: int, metric: str, nlist: int, target: float):
     """Smallest nprobe of NPROBE_LADDER (<= nlist) whose sample recall@k minus two standard errors
@@ -623,10 +651,8 @@ def tune_nprobe(ix, tune: _TuneSet, pool: Pool, k: int, metric: str, nlist: int,
     exact float32 distances of the found candidates, as `recall_at_k` does."""
     rows = tune.rows
     q = torch.from_numpy(tune.xq)
-    ex_i, ex_d = finish_rows(rows, torch.from_numpy(tune.I), torch.from_numpy(
-        _refine(pool, rows, tune.I, metric, q).numpy()), k)
-    exact = KNNGraph(ex_i, ex_d, metric, k)
-    ladder = [p for p in NPROBE_LADDER if p < nlist] + [nlist]
+    exact = KNNGraph(*tune.exact(pool, metric, k), metric, k)
+    ladder = nprobe_ladder(nlist)
     lo, hi = 0, len(ladder) - 1
     memo = {}
 
@@ -637,24 +663,17 @@ def tune_nprobe(ix, tune: _TuneSet, pool: Pool, k: int, metric: str, nlist: int,
             I = np.asarray(I, np.int64)
             D = _refine(pool, rows, I, metric, q).numpy()
             ii, dd = finish_rows(rows, torch.from_numpy(I), torch.from_numpy(np.where(I < 0, np.inf, D)), k)
-            per_row = _recall_rows(KNNGraph(ii, dd, metric, k), exact)
-            memo[p] = (float(per_row.mean()), float(per_row.std(ddof=1) / math.sqrt(len(per_row))) if len(per_row) > 1
-                       else 0.0)
+            memo[p] = mean_se(_recall_rows(KNNGraph(ii, dd, metric, k), exact))
         r, se = memo[p]
         return r - 2 * se >= target
 
-    # Recall grows with nprobe: binary search the ladder for the first one that passes.
+    # Recall grows with nprobe: binary search the ladder for the first one that passes (each
+    # measurement is a search of the sample).
     while lo < hi:
         mid = (lo + hi) // 2
         if measure(ladder[mid]):
             hi = mid
         else:
             lo = mid + 1
-    p = ladder[lo]
-    measure(p)
-    r, se = memo[p]
-    if r - 2 * se < target:
-        log.warning("knn_graph: nprobe=%d (every cell) gives sample recall %.4f, below target_recall %.3f", p, r,
-                    target)
-    return p, {"tune_recall": r, "tune_recall_se": se, "tune_rows": int(rows.size), "target_recall": target,
-               "tune_tried": {str(key): round(v[0], 4) for key, v in sorted(memo.items())}}
+    measure(ladder[lo])
+    return tuned(ladder[lo], memo, rows.size, target)
