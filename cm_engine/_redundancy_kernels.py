@@ -261,3 +261,140 @@ def histogram_uniform(v, edges):
             i += 1
         h[i] += 1
     return h
+
+
+# ---------------------------------------------------------------------------------------------
+# the near-copy table (redundancy.NearCopies): built once per pool, walked by every cycle
+
+@njit(cache=True, nogil=True)
+def build_table(ind, dist, delta):
+    # symmetric CSR of the edges a -> ind[a, c] within the row's prefix of distances <= delta
+    # (rows ascending: the same edges the graph kernels read), j >= 0, j != a; each row's
+    # neighbours ascending and unique. Returns (offsets int64 [N + 1], neighbours int32/int64 [E]).
+    n, k = ind.shape
+    deg = np.zeros(n + 1, dtype=np.int64)
+    for a in range(n):
+        for c in range(k):
+            if not dist[a, c] <= delta:
+                break
+            j = ind[a, c]
+            if j < 0 or j == a:
+                continue
+            deg[a + 1] += 1
+            deg[j + 1] += 1
+    for a in range(n):
+        deg[a + 1] += deg[a]
+    nb = np.empty(deg[n], dtype=ind.dtype)
+    fill = deg[:n].copy()
+    for a in range(n):
+        for c in range(k):
+            if not dist[a, c] <= delta:
+                break
+            j = ind[a, c]
+            if j < 0 or j == a:
+                continue
+            nb[fill[a]] = j
+            fill[a] += 1
+            nb[fill[j]] = a
+            fill[j] += 1
+    # sort each row (insertion sort: rows hold a few near-copies) and drop repeats (a mutual
+    # edge is listed by both ends), compacting in place
+    off = np.empty(n + 1, dtype=np.int64)
+    off[0] = 0
+    e = 0
+    for a in range(n):
+        lo, hi = deg[a], deg[a + 1]
+        for x in range(lo + 1, hi):
+            v = nb[x]
+            y = x - 1
+            while y >= lo and nb[y] > v:
+                nb[y + 1] = nb[y]
+                y -= 1
+            nb[y + 1] = v
+        for x in range(lo, hi):
+            if x == lo or nb[x] != nb[x - 1]:
+                nb[e] = nb[x]
+                e += 1
+        off[a + 1] = e
+    return off, nb[:e].copy()
+
+
+@njit(cache=True, nogil=True)
+def table_mark_labeled(lab, off, nb, flag):
+    # flag[l] = 1 for labeled l, then 2 for every unlabeled table neighbour of a labeled point.
+    # Labeled points are random rows: prefetch their offsets 2D ahead, their lists D ahead.
+    m = lab.size
+    for i in range(m):
+        flag[lab[i]] = 1
+    for i in range(m):
+        if i + 2 * D < m:
+            prefetch_row(off, lab[i + 2 * D])
+        if i + D < m:
+            prefetch_row(nb, off[lab[i + D]])
+        a = lab[i]
+        for x in range(off[a], off[a + 1]):
+            j = nb[x]
+            if flag[j] == 0:
+                flag[j] = 2
+
+
+@njit(cache=True, nogil=True)
+def table_chunk(cands, key, off, nb, flag, pf_rows, pf_nb):
+    # Decide every candidate of `cands` by the sequential greedy in (key, index) order, given
+    # flag: 0 undecided, 1 ineligible (labeled/excluded), 2 near a labeled point, 3 kept,
+    # 4 dropped. Every eligible point with a key below a candidate's must be a candidate of this
+    # or an earlier call (a prefix of the order; the earlier ones decided). kept(y) = flag 0 and
+    # no kept table neighbour with an earlier key; the table is symmetric, so y's own row lists
+    # every such neighbour. Earlier neighbours are decided first by a depth-first walk (edges
+    # point to strictly earlier keys: no cycle), O(candidates + their table edges), no sorting.
+    stack = np.empty(cands.size + 1, dtype=np.int64)
+    at = np.empty(cands.size + 1, dtype=np.int64)  # the next table entry to check, per stack level
+    # Prefetch (the reads are random otherwise): offsets 2D ahead and lists D ahead when the
+    # candidates are scattered (pf_rows; a dense ascending run streams by itself), the
+    # neighbours' keys and flags D/2 ahead when near-copies lie far apart in the pool (pf_nb).
+    m = cands.size
+    for t in range(m):
+        if pf_rows and t + 2 * D < m:
+            prefetch_row(off, cands[t + 2 * D])
+            prefetch_row(flag, cands[t + 2 * D])
+        if pf_rows and t + D < m:
+            prefetch_row(nb, off[cands[t + D]])
+        if pf_nb and t + D // 2 < m:
+            c = cands[t + D // 2]
+            for x in range(off[c], off[c + 1]):
+                prefetch_row(key, nb[x])
+                prefetch_row(flag, nb[x])
+        y0 = cands[t]
+        if flag[y0] != 0:
+            continue
+        if off[y0] == off[y0 + 1]:  # no near-copy at all: kept
+            flag[y0] = 3
+            continue
+        stack[0] = y0
+        at[0] = off[y0]
+        sp = 1
+        while sp > 0:
+            y = stack[sp - 1]
+            x = at[sp - 1]
+            end = off[y + 1]
+            ky = key[y]
+            pushed = False
+            while x < end:
+                u = nb[x]
+                fu = flag[u]
+                if fu == 3 or fu == 0:
+                    ku = key[u]
+                    if ku < ky or (ku == ky and u < y):
+                        if fu == 3:
+                            break
+                        at[sp - 1] = x  # come back to u once it is decided
+                        stack[sp] = u
+                        at[sp] = off[u]
+                        sp += 1
+                        pushed = True
+                        break
+                x += 1
+            if pushed:
+                continue
+            flag[y] = 4 if x < end else 3
+            sp -= 1

@@ -13,6 +13,11 @@ neighbours with distances, so near-copies are graph edges shorter than a thresho
   accepted earlier neighbour. The loop is over rounds (a handful on near-duplicate groups), never
   over picks. Work is O((|order| + |labeled|) k): only the rows of candidates and labeled points
   are read, never the whole graph.
+* `NearCopies.from_graph(graph, delta=None)`: the pool's near-copy table (the graph's edges <=
+  delta, symmetric CSR), built once per pool; accepted wherever a graph is, with the same answers.
+  A selection cycle then walks only the near-copies of its candidates and labeled points
+  (O(candidates + labeled + their near edges), no distance tests): the form for repeated cycles
+  (the selectors build it on their first round).
 * `auto_delta(graph)`: the documented threshold rule (below).
 * `redundancy_report(picked, graph, delta=, labeled=)`: fractions of a batch that are near-copies
   of labeled points, of co-picked points, and that the filter would drop.
@@ -171,27 +176,222 @@ def auto_delta(graph, *, seed: int = 0) -> float:
     return delta
 
 
+class NearCopies:
+    """The pool's near-copy table: the graph's edges of distance <= delta, symmetric, in CSR form.
+
+    Build it once per pool (and delta) with `NearCopies.from_graph(graph, delta=None)` and pass it
+    wherever a graph is accepted (`near_duplicate_filter`, `filtered_margin`,
+    `filtered_cluster_margin`, `redundancy_report`, `cluster_margin(dedup_graph=)`): every call
+    then walks only the near-copies, O(candidates + labeled + their near edges), instead of the k
+    graph neighbours of every candidate and labeled point. Selections are identical to the graph's.
+
+    offsets:    int64 [N + 1]; neighbours: int32 (int64 from 2**31 rows) [E]. Row i's near-copies
+                are neighbours[offsets[i]:offsets[i + 1]], ascending, unique, never i: every j with
+                an edge i -> j or j -> i in the graph, distance <= delta, inside the row's leading
+                run of distances <= delta (graph rows are ascending, as `knn_graph` writes them;
+                -1 entries skipped). Each near pair appears in both rows.
+    delta:      the threshold it was built for (float >= 0); compared in the distances' dtype.
+    """
+
+    def __init__(self, offsets, neighbours, delta):
+        offsets, neighbours = np.asarray(offsets), np.asarray(neighbours)
+        if offsets.ndim != 1 or offsets.size < 2 or not np.issubdtype(offsets.dtype, np.integer):
+            raise ValueError(f"offsets: expected an int [N + 1] array with N >= 1, got {offsets.dtype} {offsets.shape}")
+        if neighbours.ndim != 1 or not np.issubdtype(neighbours.dtype, np.integer):
+            raise ValueError(f"neighbours: expected an int [E] array, got {neighbours.dtype} {neighbours.shape}")
+        if offsets[0] != 0 or offsets[-1] != neighbours.size or (np.diff(offsets) < 0).any():
+            raise ValueError(f"offsets: expected non-decreasing offsets from 0 to {neighbours.size} (neighbours' "
+                             f"size), got {int(offsets[0])} .. {int(offsets[-1])}")
+        n = offsets.size - 1
+        if neighbours.size and (int(neighbours.min()) < 0 or int(neighbours.max()) >= n):
+            raise ValueError(f"neighbours: expected indices in [0, {n}), got {int(neighbours.min())} .. "
+                             f"{int(neighbours.max())}")
+        self.offsets = offsets.astype(np.int64, copy=False)
+        self.neighbours = neighbours.astype(np.int32 if n < 2**31 else np.int64, copy=False)
+        self.delta = check_float("delta", delta, min=0.0)
+        # near-copies mostly within 64 rows of each other (e.g. copies stored next to each other):
+        # the filter kernel then skips prefetching their keys (a strided sample decides; speed only)
+        smp = self.neighbours[:: max(1, self.neighbours.size // 4096)]
+        rows = np.searchsorted(self.offsets, np.arange(0, self.neighbours.size, max(1, self.neighbours.size // 4096)),
+                               side="right") - 1
+        self.local = bool(smp.size and np.mean(np.abs(smp.astype(np.int64) - rows) < 64) >= 0.5)
+
+    @classmethod
+    def from_graph(cls, graph, delta=None, *, seed: int = 0) -> "NearCopies":
+        """The table of a KNNGraph (or (indices [N, k], distances [N, k])); delta None: `auto_delta(graph, seed=)`.
+
+        One pass over the graph (numba from NUMBA_MIN_WORK entries on; else numpy, same table)."""
+        ind, dist = _graph_arrays(graph)
+        n = ind.shape[0]
+        delta = auto_delta((ind, dist), seed=seed) if delta is None else check_float("delta", delta, min=0.0)
+        ind, dist = np.asarray(ind), np.asarray(dist)
+        lo, hi = int(ind.min()), int(ind.max())
+        if lo < -1 or hi >= n:
+            raise ValueError(f"graph.indices: expected entries in [-1, {n}), got {lo} .. {hi}")
+        dk = dist.dtype.type(delta)  # as the graph kernels compare
+        if HAVE_NUMBA and ind.size >= NUMBA_MIN_WORK:
+            off, nb = _numba_kernels()["build_table"](ind, dist, dk)
+        else:
+            off, nb = _table_numpy(ind, dist, dk)
+        t = cls(off, nb, delta)
+        log.info("NearCopies: %d near pairs over %d points (delta=%.4g)", t.neighbours.size // 2, n, delta)
+        return t
+
+    @property
+    def n(self) -> int:
+        """Pool size (rows)."""
+        return self.offsets.size - 1
+
+    @property
+    def n_pairs(self) -> int:
+        """Near pairs (each listed in both of its rows)."""
+        return self.neighbours.size // 2
+
+    def degree(self) -> np.ndarray:
+        """int64 [N]: near-copies of each point."""
+        return np.diff(self.offsets)
+
+    def pairs(self, rows) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) int64: every table entry of the given rows (src in rows, in the rows' order)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lo, hi = self.offsets[rows], self.offsets[rows + 1]
+        cnt = hi - lo
+        tot = int(cnt.sum())
+        if tot == 0:
+            z = np.zeros(0, dtype=np.int64)
+            return z, z.copy()
+        src = np.repeat(rows, cnt)
+        # positions lo[r] .. hi[r] - 1 for each row, without a Python loop
+        pos = np.arange(tot, dtype=np.int64) + np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
+        return src, self.neighbours[pos].astype(np.int64)
+
+    def _check_delta(self, delta) -> float:
+        if delta is None:
+            return self.delta
+        d = check_float("delta", delta, min=0.0)
+        if d != self.delta:
+            raise ValueError(f"delta: this NearCopies table was built for delta={self.delta!r}, got delta={d!r} "
+                             "(build one for it with NearCopies.from_graph(graph, delta=...))")
+        return d
+
+    def __repr__(self):
+        return f"NearCopies(n={self.n}, n_pairs={self.n_pairs}, delta={self.delta:.4g})"
+
+
+def _table_numpy(ind, dist, dk):
+    """The numpy build of `NearCopies` (the numba kernel `build_table` gives the same arrays)."""
+    n = ind.shape[0]
+    ok = np.logical_and.accumulate(dist <= dk, axis=1)  # the row's leading run <= delta
+    r, c = np.nonzero(ok)
+    j = ind[r, c].astype(np.int64)
+    r = r.astype(np.int64)
+    keep = (j >= 0) & (j != r)
+    r, j = r[keep], j[keep]
+    key = np.unique(np.concatenate([r * n + j, j * n + r]))  # both directions, sorted, once each
+    src, dst = key // n, key % n
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=off[1:])
+    return off, dst
+
+
+def _source(graph, delta):
+    """(src, n, delta) with delta resolved: src is a NearCopies, or the (indices, distances) of a graph."""
+    if isinstance(graph, NearCopies):
+        return graph, graph.n, graph._check_delta(delta)
+    ind, dist = _graph_arrays(graph)
+    return (ind, dist), ind.shape[0], _check_delta(delta, (ind, dist))
+
+
+def _src_pairs(src, delta):
+    """The near-edge function rows -> (src, dst) of a source (see `_filter_numpy`)."""
+    if isinstance(src, NearCopies):
+        return src.pairs
+    ind, dist = src
+    return lambda rows: _near_pairs(np.asarray(rows, dtype=np.int64), ind, dist, delta)
+
+
+def _make_filter(src, delta, lab, *, work, key_full=None):
+    """The incremental greedy filter (`extend(win, key)`) over a source; `key_full` (float [N], the
+    candidates' keys at their pool indices) is needed only by the table's kernel: None = positions
+    in the order of `extend` calls (one call only)."""
+    if isinstance(src, NearCopies):
+        return _TableFilter(src, lab, work=work, key_full=key_full)
+    ind, dist = src
+    return _Filter(ind, dist, delta, lab, work=work)
+
+
+class _TableFilter:
+    """`_Filter` over a NearCopies table: same interface and answers.
+
+    numba: one byte of state per pool point (0 undecided, 1 labeled, 2 near a labeled point, 3
+    kept, 4 dropped); `extend` decides the new chunk by `table_chunk`, comparing keys in
+    `key_full` (the candidates' own keys, e.g. the scores, or positions with +inf elsewhere).
+    numpy: the rounds of `_filter_numpy` over the whole window, as `_Filter`."""
+
+    def __init__(self, table, lab, *, work: int, key_full=None, kernel: str = "auto"):
+        self.t = table
+        nlab = 0 if lab is None else lab.size
+        if kernel == "auto":
+            kernel = "numba" if HAVE_NUMBA and work + nlab >= NUMBA_MIN_WORK else "numpy"
+        self.kernel = kernel
+        self.wins, self.keys = [], []
+        self.key_full = key_full
+        if kernel == "numpy":
+            self.lab = None if lab is None or lab.size == 0 else np.unique(lab)
+            return
+        self.K = _numba_kernels()
+        self.flag = np.zeros(table.n, dtype=np.uint8)
+        if nlab:
+            self.K["table_mark_labeled"](np.ascontiguousarray(lab, dtype=np.int64), table.offsets,
+                                         table.neighbours, self.flag)
+
+    def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
+        win = np.ascontiguousarray(win, dtype=np.int64)
+        self.wins.append(win)
+        if self.kernel == "numpy":  # (numba reads the keys from key_full, along near edges only)
+            self.keys.append(self.key_full[win] if key is None else np.asarray(key))
+        allw = win if len(self.wins) == 1 else np.concatenate(self.wins)
+        if self.kernel == "numpy":
+            allk = np.concatenate(self.keys)
+            srt = np.lexsort((allw, allk))
+            kept, _ = _filter_numpy(allw[srt], self.t.pairs, self.t.n, self.lab)
+            out = np.zeros(self.t.n, dtype=np.bool_)
+            out[kept] = True
+            return out[allw]
+        kf = self.key_full
+        if kf is None:
+            if len(self.wins) > 1:
+                raise RuntimeError("_TableFilter: key_full is needed for more than one extend")
+            kf = np.full(self.t.n, np.inf)
+            kf[win] = np.asarray(key, dtype=np.float64)
+        # prefetch rows unless the chunk is a dense ascending run (a prefix of the score order
+        # over a quarter of the pool or more); neighbours unless the table is local (NearCopies)
+        dense = self.key_full is not None and win.size * 4 >= self.t.n
+        self.K["table_chunk"](win, kf, self.t.offsets, self.t.neighbours, self.flag, not dense, not self.t.local)
+        return self.flag[allw] == 3
+
+
 def near_duplicate_filter(order, graph, *, delta=None, labeled=None) -> np.ndarray:
     """Keep the candidates of `order` that are not near-copies of labeled or earlier-kept points.
 
     order:   int [m] unique pool indices, in priority order (e.g. ascending margin).
-    graph:   KNNGraph (or (indices [N, k], distances [N, k])) over the whole pool.
+    graph:   KNNGraph (or (indices [N, k], distances [N, k])) over the whole pool, or its
+             `NearCopies` table (the fast form for repeated calls; same answers).
     delta:   float >= 0: two points are near-copies when a graph edge between them (listed by either)
-             has distance <= delta. None: `auto_delta(graph)`.
+             has distance <= delta. None: `auto_delta(graph)` (a NearCopies: its own delta, the
+             only one it accepts).
     labeled: optional int pool indices of labeled points (duplicates allowed). A candidate that is
              itself labeled is dropped.
 
     Returns int64 [<= m]: the kept candidates, in the given order. Equal to the sequential greedy:
     for c in order: keep c unless an edge <= delta joins c to a labeled point or a kept point.
     """
-    ind, dist = _graph_arrays(graph)
-    n = ind.shape[0]
+    src, n, delta = _source(graph, delta)
     order = as_index_array("order", order, n=n, unique=True)
     lab = None if labeled is None else as_index_array("labeled", labeled, n=n, unique=False)
-    delta = _check_delta(delta, graph)
     if order.size == 0:
         return order.copy()
-    f = _Filter(ind, dist, delta, lab, work=order.size)
+    f = _make_filter(src, delta, lab, work=order.size)
     # the key of a candidate is its position in `order` (exact in float64 below 2**53)
     return order[f.extend(order, np.arange(order.size, dtype=np.float64))]
 
@@ -244,7 +444,8 @@ class _Filter:
             allw = np.concatenate(self.wins)
             allk = np.concatenate(self.keys)
             srt = np.lexsort((allw, allk))
-            kept, _ = _filter_numpy(allw[srt], self.ind, self.dist, self.delta, self.lab)
+            kept, _ = _filter_numpy(allw[srt], lambda r: _near_pairs(r, self.ind, self.dist, self.delta),
+                                   self.ind.shape[0], self.lab)
             out = np.zeros(self.ind.shape[0], dtype=np.bool_)
             out[kept] = True
             return out[allw]
@@ -280,30 +481,31 @@ def _build_numba_kernels() -> dict:
     from . import _redundancy_kernels as K
 
     return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range,
-            "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform}
+            "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform,
+            "build_table": K.build_table, "table_mark_labeled": K.table_mark_labeled, "table_chunk": K.table_chunk}
 
 
-def _filter_numpy(order, ind, dist, delta, lab):
+def _filter_numpy(order, pairs, n, lab):
     """The numpy kernel: kept candidates of `order` (in order) and the number of rounds.
 
     Exactly the sequential greedy, computed in rounds of whole-array operations (a parallel greedy
     independent set): each round accepts every undecided candidate none of whose earlier
     neighbours is undecided or accepted, then rejects every undecided candidate with an accepted
-    earlier neighbour. `lab`: unique labeled indices or None."""
-    n = ind.shape[0]
+    earlier neighbour. `pairs(rows)`: the near edges (src in rows, dst) of those rows
+    (`_near_pairs` of a graph or `NearCopies.pairs`); `lab`: unique labeled indices or None."""
     m = order.size
     if m == 0:
         return order.copy(), 0
     pos = np.full(n, -1, dtype=np.int64)
     pos[order] = np.arange(m)
     alive = np.ones(m, dtype=np.bool_)
-    s, t = _near_pairs(order, ind, dist, delta)  # edges listed in the candidates' rows
+    s, t = pairs(order)  # edges listed in the candidates' rows
     if lab is not None and lab.size:
         is_lab = np.zeros(n, dtype=np.bool_)
         is_lab[lab] = True
         alive[is_lab[order]] = False
         alive[pos[s[is_lab[t]]]] = False  # candidate -> labeled
-        _, t2 = _near_pairs(lab, ind, dist, delta)  # labeled -> candidate
+        _, t2 = pairs(lab)  # labeled -> candidate
         p2 = pos[t2]
         alive[p2[p2 >= 0]] = False
     # Candidate-candidate edges among the survivors; an edge listed by either endpoint counts
@@ -332,13 +534,13 @@ def _filter_numpy(order, ind, dist, delta, lab):
         rej = np.zeros(m, dtype=np.bool_)
         rej[v[state[u] == 1]] = True
         state[rej & und] = 2
-    log.debug("near_duplicate_filter: %d of %d candidates kept in %d rounds (delta=%.4g)",
-              int((state == 1).sum()), m, rounds, delta)
+    log.debug("near_duplicate_filter: %d of %d candidates kept in %d rounds", int((state == 1).sum()), m, rounds)
     return order[state == 1], rounds
 
 
 def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
-    """How much of a batch is wasted on near-copies (edges of `graph` with distance <= delta).
+    """How much of a batch is wasted on near-copies (edges of `graph` with distance <= delta;
+    graph: a KNNGraph, (indices, distances) or a `NearCopies` table).
 
     picked: int [b] unique pool indices (a batch, in pick order); labeled: optional int indices.
     Returns a dict: n_picked, delta, near_labeled (fraction of picks within delta of a labeled point
@@ -346,11 +548,10 @@ def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
     (fraction that is either), dropped_by_filter (fraction the greedy filter would drop, in pick
     order: a group of mutual copies counts all but one).
     """
-    ind, dist = _graph_arrays(graph)
-    n = ind.shape[0]
+    src, n, delta = _source(graph, delta)
+    pairs = _src_pairs(src, delta)
     picked = as_index_array("picked", picked, n=n, unique=True)
     lab = None if labeled is None else np.unique(as_index_array("labeled", labeled, n=n, unique=False))
-    delta = _check_delta(delta, graph)
     b = picked.size
     out = {"n_picked": int(b), "delta": float(delta), "near_labeled": 0.0, "near_copicked": 0.0,
            "redundant": 0.0, "dropped_by_filter": 0.0}
@@ -359,13 +560,13 @@ def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
     pos = np.full(n, -1, dtype=np.int64)
     pos[picked] = np.arange(b)
     near_lab = np.zeros(b, dtype=np.bool_)
-    s, t = _near_pairs(picked, ind, dist, delta)
+    s, t = pairs(picked)
     if lab is not None and lab.size:
         is_lab = np.zeros(n, dtype=np.bool_)
         is_lab[lab] = True
         near_lab |= is_lab[picked]
         near_lab[pos[s[is_lab[t]]]] = True
-        s2, t2 = _near_pairs(lab, ind, dist, delta)
+        s2, t2 = pairs(lab)
         p2 = pos[t2]
         near_lab[p2[p2 >= 0]] = True
     pt = pos[t]
@@ -373,7 +574,7 @@ def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
     near_co = np.zeros(b, dtype=np.bool_)
     near_co[pos[s[ok]]] = True
     near_co[pt[ok]] = True
-    keep = _Filter(ind, dist, delta, lab, work=b).extend(picked, np.arange(b, dtype=np.float64))
+    keep = _make_filter(src, delta, lab, work=b).extend(picked, np.arange(b, dtype=np.float64))
     out.update(near_labeled=float(near_lab.mean()), near_copicked=float(near_co.mean()),
                redundant=float((near_lab | near_co).mean()), dropped_by_filter=float(1 - np.count_nonzero(keep) / b))
     return out
@@ -396,10 +597,13 @@ def _sorted_candidates(s: np.ndarray, eligible_mask, k: int) -> np.ndarray:
 
 #: rows of the score sample that sizes a window extension (a strided sample: its quantiles only
 #: size the next window, they never decide what is picked).
-EXTEND_SAMPLE = 65_536
+EXTEND_SAMPLE = 16_384
+#: window sizing: this much above the survivors needed (estimated keep rate), so that one window,
+#: or one extension, usually suffices; the surplus costs only filter work on the extra points.
+WINDOW_MARGIN = 1.25
 
 
-def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
+def _filtered_candidates(s, src, want, start=None, *, delta, excl):
     """The `want` lowest eligible points in (score, index) order that survive the greedy filter
     walked in that order (all survivors when fewer), int64 pool indices ascending by index; and the
     number of candidates examined.
@@ -407,9 +611,12 @@ def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
     The filter is prefix-consistent (the greedy on a prefix of the order is a prefix of the
     greedy), so any prefix of the order with `want` survivors gives the answer, and the order
     itself is never sorted: the filter kernel compares (score, index) keys only along near edges.
-    The first window is the `start` lowest points (`lowest_k`, as plain Cluster-Margin's
-    candidates); when too few survive, the window grows by the observed keep rate (+10%) to the
-    points up to a score threshold read off a strided score sample (one pass over the scores)."""
+    The first window: the `start` lowest points (`lowest_k`) when given; by default the points up to
+    a score threshold read off a strided score sample (one pass over the scores, cheaper than
+    `lowest_k`), sized to hold about WINDOW_MARGIN * want / (1 - b) points, b the sample's fraction
+    of eligible points already near a labeled one. When too few survive, the window grows by the
+    observed keep rate (times WINDOW_MARGIN) the same way; the surplus of the last window is trimmed
+    by score. src: a NearCopies, or the (indices, distances) of a graph (`_source`)."""
     from .strategies import _lowest_positions, lowest_k
 
     n = s.size
@@ -419,13 +626,38 @@ def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
         elig = np.ones(n, dtype=np.bool_)
         elig[excl] = False
         n_elig = n - excl.size  # excl is unique
-    k = min(max(start, want), n_elig)
-    f = _Filter(ind, dist, delta, excl, work=k)
-    chunk = lowest_k(s, k, keep=elig)  # ascending index; a prefix of the (score, index) order
-    n_win = 0  # candidates in the window before `chunk`
+    if n_elig == 0 or want == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    f = _make_filter(src, delta, excl, work=min(want, n_elig), key_full=s)
     samp = None
+
+    step = max(1, n // EXTEND_SAMPLE)
+    pick = np.arange(0, n, step)
+    if elig is not None:
+        pick = pick[elig[pick]]
+
+    def sample():
+        return np.sort(s[pick])
+
+    if start is not None:
+        chunk = lowest_k(s, min(max(start, want), n_elig), keep=elig)  # ascending index
+    else:
+        samp = sample()
+        target = min(WINDOW_MARGIN * want, n_elig)
+        flag = getattr(f, "flag", None)  # the numba kernels' marks: 2 = near a labeled point
+        if flag is not None and pick.size and target < n_elig:
+            for _ in range(2):  # the keep rate depends on the window: refine it once
+                rate = _keep_rate(src, s, flag, pick[s[pick] <= samp[min(int(target / n_elig * samp.size),
+                                                                       samp.size - 1)]])
+                target = WINDOW_MARGIN * want / max(rate, 0.02)
+        if target >= n_elig:
+            chunk = np.arange(n, dtype=np.int64) if elig is None else np.flatnonzero(elig)
+        else:
+            r = min(int(target / n_elig * samp.size), samp.size - 1)
+            chunk = _select_range(s, elig, s.dtype.type(-np.inf), -1, s.dtype.type(samp[r]), f.kernel)
+    n_win = 0  # candidates in the window before `chunk`
     while True:
-        keep = f.extend(chunk, s[chunk])
+        keep = f.extend(chunk, None if isinstance(f, _TableFilter) else s[chunk])  # (table: keys from s)
         n_kept = int(np.count_nonzero(keep))
         if n_kept >= want or keep.size >= n_elig:
             break
@@ -433,11 +665,9 @@ def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
         # so that about 1.1 * want / keep-rate points are in the window
         t1 = s[chunk].max()
         i1 = int(chunk[s[chunk] == t1].max())
-        target = max(int(np.ceil(1.1 * want * keep.size / max(n_kept, 1))), keep.size + 1)
+        target = max(int(np.ceil(WINDOW_MARGIN * want * keep.size / max(n_kept, 1))), keep.size + 1)
         if samp is None:
-            step = max(1, n // EXTEND_SAMPLE)
-            samp = s[::step] if elig is None else s[::step][elig[::step]]
-            samp = np.sort(samp)
+            samp = sample()
         r = int(target / n_elig * samp.size)
         r = max(r, int(np.searchsorted(samp, t1, side="right")))  # at least the sample's first value above t1
         t2 = samp[r] if r < samp.size else np.inf
@@ -456,9 +686,41 @@ def _filtered_candidates(s, ind, dist, want, start, *, delta, excl):
         last = win[n_win:][keep[n_win:]]
         last = last[_lowest_positions(s[last], want - head.size)]
         surv = np.concatenate([head, last])
-    if len(f.wins) > 1:  # one chunk (lowest_k's) and its survivors are ascending already
-        surv = np.sort(surv)
+    if len(f.wins) > 1:  # one chunk and its survivors are ascending already
+        if surv.size * 64 > n:  # a mask pass over N beats sorting many survivors
+            mask = np.zeros(n, dtype=np.bool_)
+            mask[surv] = True
+            surv = np.flatnonzero(mask)
+        else:
+            surv = np.sort(surv)
     return surv, win.size
+
+
+def _keep_rate(src, s, flag, y):
+    """Estimated fraction of a window's eligible points that survive the filter, from the sampled
+    ones `y` in it: those not near a labeled point (flag 0), times, with a NearCopies, the chance q
+    of having no kept earlier neighbour in the window: q = mean((1 - q) ** c) over the sampled
+    unblocked points, c = their unblocked neighbours with lower keys (each taken as kept with
+    chance q). Only sizes windows: never decides what is picked."""
+    if y.size == 0:
+        return 1.0
+    free = flag[y] == 0
+    rate = float(free.mean())
+    y = y[free]
+    if not isinstance(src, NearCopies) or y.size == 0:
+        return rate
+    cnt = src.offsets[y + 1] - src.offsets[y]
+    a, u = src.pairs(y)
+    earlier = (flag[u] == 0) & ((s[u] < s[a]) | ((s[u] == s[a]) & (u < a)))
+    c = np.bincount(np.repeat(np.arange(y.size), cnt)[earlier], minlength=y.size)
+    h = np.bincount(c) / y.size  # the fixed point needs only the distribution of c
+    if h.size == 1:
+        return rate
+    pw = np.arange(h.size)
+    q = 1.0
+    for _ in range(30):
+        q = 0.5 * q + 0.5 * float(h @ (1.0 - q) ** pw)  # damped fixed point
+    return rate * q
 
 
 def _select_range(s, elig, t1, i1, t2, kernel):
@@ -491,15 +753,14 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
     from .strategies import as_scores
 
     s = as_scores("scores", scores)
-    ind, dist = _graph_arrays(graph)
-    if ind.shape[0] != s.size:
-        raise ValueError(f"graph: expected {s.size} rows (as scores), got {ind.shape[0]}")
+    src, n, delta = _source(graph, delta)
+    if n != s.size:
+        raise ValueError(f"graph: expected {s.size} rows (as scores), got {n}")
     budget = check_int("budget", budget, min=0)
     excl = _check_exclude(exclude, s.size)
-    delta = _check_delta(delta, graph)
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, ind, dist, budget, 2 * budget, delta=delta, excl=excl)
+    kept, _ = _filtered_candidates(s, src, budget, delta=delta, excl=excl)
     kept = kept[np.argsort(s[kept], kind="stable")]  # ascending index -> by (score, index)
     return _fill(kept, s, budget, excl)
 
@@ -533,20 +794,19 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     s = as_scores("scores", scores)
     n = s.size
     labels = as_labels("labels", labels, n=n, other="scores")
-    ind, dist = _graph_arrays(graph)
-    if ind.shape[0] != n:
-        raise ValueError(f"graph: expected {n} rows (as scores), got {ind.shape[0]}")
+    src, ng, delta = _source(graph, delta)
+    if ng != n:
+        raise ValueError(f"graph: expected {n} rows (as scores), got {ng}")
     budget = check_int("budget", budget, min=0)
     km_ratio = check_float("km_ratio", km_ratio, min=1.0)
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
     excl = _check_exclude(exclude, n)
-    delta = _check_delta(delta, graph)
     rng = as_generator(seed)
     km = int(round(km_ratio * budget))
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, ind, dist, km, km, delta=delta, excl=excl)
+    kept, _ = _filtered_candidates(s, src, km, delta=delta, excl=excl)
     lab = excl if (label_aware and excl is not None) else None
     picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
     return _fill(picked, s, budget, excl)

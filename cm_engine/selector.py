@@ -24,7 +24,8 @@ Near-duplicate filter (`redundancy`): `ClusterMarginSelector(..., dedup=True)` a
 `Selector("margin", dedup_graph=graph)` drop candidates within `delta` of a labeled or earlier-kept
 point over the pool's k-NN graph (the clustering's graph, or `graph=`). The graph is saved in the
 state directory (graph_indices.npy, graph_distances.npy) and delta (given, or `auto_delta` of the
-graph) in the manifest, both once, so every round and every resume filters alike.
+graph) in the manifest, both once, so every round and every resume filters alike. Each process
+builds the graph's `NearCopies` table once (first select) and every round's filter walks it.
 `redundancy(batch)` reports the near-copy fractions of a round's picks.
 
 Classes here only chain stage functions (cluster, margin scores, cluster_margin, baselines).
@@ -325,6 +326,17 @@ class _Dedup:
         """The near-duplicate threshold in use (None when the filter is off)."""
         return self._man.get("dedup_delta") if self.dedup else None
 
+    def _near_copies(self):
+        """The graph's `redundancy.NearCopies` table at the filter's delta: built on the first
+        select (one pass over the graph), then reused by every round, so that a round's filter walks
+        only the near-copies (same picks as the graph)."""
+        from .redundancy import NearCopies
+
+        t = getattr(self, "_near", None)
+        if t is None or t.delta != self.delta:
+            t = self._near = NearCopies.from_graph(self._graph, delta=self.delta)
+        return t
+
     @property
     def graph(self):
         """(indices [N, k], distances [N, k]) of the pool's graph, or None when neither given nor needed."""
@@ -350,7 +362,8 @@ class _Dedup:
             before = self._picked[~np.isin(self._picked, batch)]
         if delta is None:
             delta = self.delta
-        return redundancy_report(batch, self._graph, delta=delta, labeled=before)
+        src = self._near_copies() if self.dedup and delta == self.delta else self._graph
+        return redundancy_report(batch, src, delta=delta, labeled=before)
 
 
 class ClusterMarginSelector(_Dedup, _StatefulSelector):
@@ -481,7 +494,7 @@ class ClusterMarginSelector(_Dedup, _StatefulSelector):
         """As `select`, from precomputed margin scores [N] (lower = more uncertain)."""
         from .strategies import cluster_margin
 
-        dd = {"dedup_graph": self._graph, "delta": self.delta} if self.dedup else {}
+        dd = {"dedup_graph": self._near_copies(), "delta": self.delta} if self.dedup else {}
 
         def choose(b, picked, rng):
             return cluster_margin(scores, self.labels, b, km_ratio=self.km_ratio, exclude=picked, seed=rng,
@@ -545,7 +558,7 @@ class Selector(_Dedup, _StatefulSelector):
 
                 sc = B.uncertainty_scores(outputs, measure="margin", from_logits=self.from_logits,
                                           **{k: v for k, v in opt.items() if k in ("device", "budget_bytes")})
-                return filtered_margin(sc, self._graph, b, delta=self.delta, exclude=picked)
+                return filtered_margin(sc, self._near_copies(), b, delta=self.delta, exclude=picked)
             return B.uncertainty_select(outputs, b, measure=s, exclude=picked, from_logits=self.from_logits, **opt)
 
         return self._select_with(budget, choose)

@@ -240,7 +240,7 @@ def test_window_growth_equals_greedy_loop(kernel, score_dtype, monkeypatch):
         excl = None if trial % 4 == 0 else rng.choice(n, int(rng.integers(0, n // 2 + 1)), replace=False)
         want = int(rng.integers(1, n + 1))
         monkeypatch.setattr(R, "EXTEND_SAMPLE", int(rng.integers(1, 40)))
-        got, _ = _filtered_candidates(s, ind, dist, want, int(rng.integers(1, 5)), delta=delta, excl=excl)
+        got, _ = _filtered_candidates(s, (ind, dist), want, int(rng.integers(1, 5)), delta=delta, excl=excl)
         elig = np.arange(n) if excl is None else np.setdiff1d(np.arange(n), excl)
         order = elig[np.lexsort((elig, s[elig]))]
         np.testing.assert_array_equal(got, np.sort(greedy_reference(order, ind, dist, delta, excl)[:want]))
