@@ -4,9 +4,13 @@ Cycle = margin_scores(logits [N, C]) + cluster_margin (or filtered_cluster_margi
 and the cluster labels given (built once per pool, not part of a cycle). Synthetic graph: every
 point has 3 near-copies (distance ~U(0, 0.005)) and 13 other neighbours (~U(0.05, 0.5)), so the
 filter has real work; labeled set 10% of the pool, budget 10% (100K), km_ratio 1.25 and 10.
+The filter reads either the graph itself (`filtered`) or the pool's `NearCopies` table built once
+beforehand (`table`, as the selectors do; its one-time build is timed separately, `table_build_s`).
+--layout shuffled scatters each copy group over the pool (random row order) instead of consecutive
+rows: the same work, but every near-copy lookup is a cache miss.
 Wall and process CPU time per cycle (the machine is shared: CPU time is the steadier of the two),
 with the load average before and after.
-    python benchmarks/_quality_filter_cost.py [--n 1000000] [--reps 5]
+    python benchmarks/_quality_filter_cost.py [--n 1000000] [--reps 5] [--classes 100 --tag _c100]
 """
 from __future__ import annotations
 
@@ -29,11 +33,13 @@ def main():
     ap.add_argument("--classes", type=int, default=10,
                     help="classes of the logits scored in each cycle (the pipeline benchmarks use 100)")
     ap.add_argument("--tag", default="", help="results file quality_filter_cost<tag>.json")
+    ap.add_argument("--layout", choices=("consecutive", "shuffled"), default="consecutive",
+                    help="copy groups on consecutive rows, or scattered by a random row permutation")
     a = ap.parse_args()
     import torch
 
     from cm_engine.margin import margin_scores
-    from cm_engine.redundancy import filtered_cluster_margin, near_duplicate_filter
+    from cm_engine.redundancy import NearCopies, filtered_cluster_margin
     from cm_engine.strategies import cluster_margin
 
     n, k, C = a.n, 16, a.classes
@@ -46,44 +52,66 @@ def main():
     ind = np.concatenate([copies, others], axis=1).astype(np.int32)
     dist = np.concatenate([np.sort(rng.uniform(0, 0.005, (n, 3)), 1), np.sort(rng.uniform(0.05, 0.5, (n, k - 3)), 1)],
                           axis=1).astype(np.float32)
+    if a.layout == "shuffled":  # row p of the new pool is row perm[p] of the old one
+        perm = rng.permutation(n)
+        inv = np.empty(n, dtype=np.int64)
+        inv[perm] = np.arange(n)
+        ind, dist, g = inv[ind[perm]].astype(np.int32), dist[perm], g[perm]
     graph = (ind, dist)
     labels = rng.integers(0, n // 10, n)
     logits = rng.standard_normal((n, C)).astype(np.float32) * 3
     labeled = rng.choice(n, n // 10, replace=False)
     budget, delta = n // 10, 0.01
     res = {"benchmark": "quality_filter_cost", "n": n, "k": k, "classes": C, "budget": budget, "labeled": labeled.size,
-           "delta": delta, "command": "python3 " + " ".join(sys.argv), "loadavg_before": os.getloadavg(), "cases": {}}
+           "delta": delta, "layout": a.layout, "command": "python3 " + " ".join(sys.argv),
+           "loadavg_before": os.getloadavg(), "cases": {}}
+    NearCopies.from_graph(graph, delta=delta)  # warm-up (numba compile or cache load)
+    tb, cb = [], []
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
+        table = NearCopies.from_graph(graph, delta=delta)
+        tb.append(time.perf_counter() - t0)
+        cb.append(time.process_time() - c0)
+    res.update(table_build_s=float(np.median(tb)), table_build_cpu_s=float(np.median(cb)), table_pairs=table.n_pairs,
+               table_bytes=int(table.offsets.nbytes + table.neighbours.nbytes))
+    print("table build", res["table_build_s"], res["table_build_cpu_s"], table, flush=True)
     # check the answer first: the filtered picks contain no near-copy pairs and no copy of a labeled point
     pick = filtered_cluster_margin(margin_scores(logits, device="cpu"), labels, graph, budget, km_ratio=1.25,
                                    delta=delta, exclude=labeled, seed=0)
     gl = np.zeros(n // 4 + 1, bool)
     gl[g[labeled]] = True
     assert pick.size == budget and not gl[g[pick]].any() and np.unique(g[pick]).size == pick.size
+    assert np.array_equal(pick, filtered_cluster_margin(margin_scores(logits, device="cpu"), labels, table, budget,
+                                                        km_ratio=1.25, exclude=labeled, seed=0))
     for km in (1.25, 10.0):
-        t_plain, t_filt, c_plain, c_filt = [], [], [], []
-        for r in range(a.reps + 1):  # first rep = warm-up, dropped
-            t0, c0 = time.perf_counter(), time.process_time()
-            s = margin_scores(logits, device="cpu")
-            cluster_margin(s, labels, budget, km_ratio=km, exclude=labeled, seed=r)
-            t1, c1 = time.perf_counter(), time.process_time()
-            s = margin_scores(logits, device="cpu")
-            filtered_cluster_margin(s, labels, graph, budget, km_ratio=km, delta=delta, exclude=labeled, seed=r)
-            t2, c2 = time.perf_counter(), time.process_time()
-            if r:
-                t_plain.append(t1 - t0)
-                t_filt.append(t2 - t1)
-                c_plain.append(c1 - c0)
-                c_filt.append(c2 - c1)
-        res["cases"][f"km_ratio_{km}"] = {"cycle_s": float(np.median(t_plain)), "cycle_filtered_s": float(np.median(t_filt)),
-                                          "overhead": float(np.median(t_filt) / np.median(t_plain) - 1),
-                                          "cycle_cpu_s": float(np.median(c_plain)),
-                                          "cycle_filtered_cpu_s": float(np.median(c_filt)),
-                                          "overhead_cpu": float(np.median(c_filt) / np.median(c_plain) - 1),
-                                          "all_cycle_s": t_plain, "all_filtered_s": t_filt}
-        print(km, res["cases"][f"km_ratio_{km}"], flush=True)
+        t = {"plain": [], "filtered": [], "table": []}
+        c = {"plain": [], "filtered": [], "table": []}
+        for r in range(a.reps + 1):  # first rep = warm-up, dropped; the three variants interleaved
+            for name in t:
+                t0, c0 = time.perf_counter(), time.process_time()
+                s = margin_scores(logits, device="cpu")
+                if name == "plain":
+                    cluster_margin(s, labels, budget, km_ratio=km, exclude=labeled, seed=r)
+                else:
+                    filtered_cluster_margin(s, labels, graph if name == "filtered" else table, budget, km_ratio=km,
+                                            delta=delta, exclude=labeled, seed=r)
+                if r:
+                    t[name].append(time.perf_counter() - t0)
+                    c[name].append(time.process_time() - c0)
+        med = {name: float(np.median(v)) for name, v in t.items()}
+        cmed = {name: float(np.median(v)) for name, v in c.items()}
+        res["cases"][f"km_ratio_{km}"] = {
+            "cycle_s": med["plain"], "cycle_filtered_s": med["filtered"], "cycle_table_s": med["table"],
+            "overhead": med["filtered"] / med["plain"] - 1, "overhead_table": med["table"] / med["plain"] - 1,
+            "cycle_cpu_s": cmed["plain"], "cycle_filtered_cpu_s": cmed["filtered"], "cycle_table_cpu_s": cmed["table"],
+            "overhead_cpu": cmed["filtered"] / cmed["plain"] - 1, "overhead_table_cpu": cmed["table"] / cmed["plain"] - 1,
+            "all_cycle_s": t["plain"], "all_filtered_s": t["filtered"], "all_table_s": t["table"],
+            "all_cycle_cpu_s": c["plain"], "all_filtered_cpu_s": c["filtered"], "all_table_cpu_s": c["table"]}
+        print(km, {k: v for k, v in res["cases"][f"km_ratio_{km}"].items() if not k.startswith("all")}, flush=True)
     res.update(loadavg_after=os.getloadavg(), machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
                notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up;"
-               " CPU time is the process's (all threads)")
+               " CPU time is the process's (all threads); 'filtered' reads the graph, 'table' a NearCopies built once"
+               " per pool (table_build_s, not part of a cycle)")
     write_json(Path(__file__).resolve().parent / "results" / f"quality_filter_cost{a.tag}.json", res)
 
 
