@@ -32,25 +32,45 @@ def edge_block(budget: int, bytes_per_edge: int = 64) -> int:
     return max(1 << 12, int(budget) // bytes_per_edge)
 
 
-def symmetrize(src: torch.Tensor, dst: torch.Tensor, dist: torch.Tensor, n: int):
-    """Directed edges -> unique undirected pairs (u < v) with the mean of their distances.
+def sort_groups(key: torch.Tensor):
+    """Group equal keys: key int64 [e] -> (uniq int64 [m] sorted, perm int64 [e], inv int64 [e]),
+    where key[perm] is sorted (stable: equal keys keep their order) and inv[i] is the group of
+    key[perm[i]]. Sums over each group in that order are deterministic. Used instead of
+    torch.unique(return_inverse=True), whose sort copies cost several more [e] int64 arrays at
+    peak (the largest allocations of a 10M-point HAC)."""
+    skey, perm = torch.sort(key, stable=True)
+    e = skey.numel()
+    first = torch.ones(e, dtype=torch.bool, device=key.device)
+    if e > 1:
+        torch.ne(skey[1:], skey[:-1], out=first[1:])
+    inv = torch.cumsum(first, 0)
+    inv -= 1
+    uniq = skey.masked_select(first)
+    return uniq, perm, inv
 
-    src, dst int64 [e] (no self-loops, all valid), dist float [e] -> (u, v int64, d float64).
-    A pair found in both directions (or twice in one row) is one edge; its distance is the
-    mean of the copies (they only differ by rounding, or by approximation in the search).
+
+def symmetrize(edges: list, n: int):
+    """Directed edges -> unique undirected pairs with the mean of their distances.
+
+    edges: [key int64 [e], dist float [e]] with key = min(i, j) * n + max(i, j) (no self-loops,
+    all valid); the list is emptied so that the caller's references go and each input array is
+    freed as soon as it is consumed. Returns (key int64 [m] sorted and unique, d float64 [m]).
+    A pair found in both directions (or twice in one row) is one edge; its distance is the mean
+    of the copies (they only differ by rounding, or by approximation in the search).
     """
-    u = torch.minimum(src, dst)
-    v = torch.maximum(src, dst)
-    key = u * n + v
-    del u, v
-    uniq, inv = torch.unique(key, sorted=True, return_inverse=True)
+    key, dist = edges
+    edges.clear()
+    uniq, perm, inv = sort_groups(key)
     del key
+    dist = dist.index_select(0, perm).to(F64)
+    del perm
     m = uniq.numel()
-    d = torch.zeros(m, dtype=F64, device=dist.device).index_add_(0, inv, dist.to(F64))
-    cnt = torch.zeros(m, dtype=F64, device=dist.device).index_add_(0, inv, torch.ones_like(d[:1]).expand(inv.numel()))
+    d = torch.zeros(m, dtype=F64, device=dist.device).index_add_(0, inv, dist)
+    del dist
+    cnt = torch.zeros(m, dtype=F64, device=d.device).index_add_(0, inv, torch.ones_like(d[:1]).expand(inv.numel()))
     del inv
     d /= cnt
-    return uniq // n, uniq % n, d
+    return uniq, d
 
 
 def linkage(S, c, M, su, sv, Ru, Rv, alpha: float, const: float):
@@ -88,10 +108,12 @@ def _scan(E, block, fn):
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
-def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=None, feats=None):
+def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progress=None, feats=None):
     """Reciprocal-nearest-neighbour rounds until no mutual pair at linkage <= max_epsilon is left.
 
-    u, v int64 [E] (u < v, unique), d float64 [E], r float64 [n] (k-th neighbour distance).
+    edges: [key int64 [E], d float64 [E]] as `symmetrize` returns them (key = u * n + v, u < v,
+    unique; the list is emptied and the arrays freed once copied), r float64 [n] (k-th neighbour
+    distance).
     impute: None for the "edges" rule (mean over edges), else (alpha, const) of `linkage`.
     feats: None, or unit rows float [n, d] (the "exact" cosine rule): the linkage of merged
     clusters is then exact, from the Lance-Williams sums or `cosine_linkage` of the clusters'
@@ -108,7 +130,7 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
     are compacted when the spare runs out. Each round costs two boolean passes over the edge
     array plus work proportional to the dirty edges.
     """
-    dev = d.device
+    dev = r.device
     bound = feats is None and impute is not None and impute[0] != 0
     I64 = torch.int64
     size = torch.ones(n + 1, dtype=F64, device=dev)
@@ -119,20 +141,23 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
     flag = torch.zeros(n + 1, dtype=torch.bool, device=dev)  # scratch mask over slots (slot n never set)
     best = torch.full((n + 1,), math.inf, dtype=F64, device=dev)
     nn = torch.full((n + 1,), n, dtype=I64, device=dev)
+    # Edge arrays: (dtype, fill of the spare capacity). A dead or spare edge joins sentinel slots.
+    spec = {"u": (I64, n), "v": (I64, n), "S": (F64, 0.0), "c": (F64, 1.0), "L": (F64, math.inf)}
+    if bound:
+        spec["M"] = (F64, 0.0)
 
-    def alloc(E):
-        cap = E + max(E // 2, 1024)
-        arrs = {"u": torch.full((cap,), n, dtype=I64, device=dev), "v": torch.full((cap,), n, dtype=I64, device=dev),
-                "S": torch.zeros(cap, dtype=F64, device=dev), "c": torch.ones(cap, dtype=F64, device=dev),
-                "L": torch.full((cap,), math.inf, dtype=F64, device=dev)}
-        if bound:
-            arrs["M"] = torch.zeros(cap, dtype=F64, device=dev)
-        return arrs
+    def capacity(E):  # spare for the appended edges: more spare, fewer compactions (one pass each)
+        return E + max(E // 4, 1024)
 
-    A = alloc(u.numel())
-    E = u.numel()
-    A["u"][:E] = u
-    A["v"][:E] = v
+    key, d = edges
+    edges.clear()
+    E = key.numel()
+    cap = capacity(E)
+    A = {name: torch.full((cap,), fill, dtype=dt, device=dev) for name, (dt, fill) in spec.items()}
+    u, v = A["u"][:E], A["v"][:E]
+    torch.div(key, n, rounding_mode="floor", out=u)
+    torch.remainder(key, n, out=v)
+    del key
     A["S"][:E] = d
     if bound:
         A["M"][:E] = 0.5 * (r.index_select(0, u) + r.index_select(0, v))
@@ -211,16 +236,31 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         touch = edges_of(flag)
         flag.index_fill_(0, x, False)
         flag.index_fill_(0, y, False)
+        # (Temporaries are freed as soon as they are used: in the first rounds `touch` is most
+        # of the edge array, and these [T] arrays are the peak memory of the whole run.)
         rep.index_copy_(0, y, x)
         tu = rep.index_select(0, A["u"].index_select(0, touch))
         tv = rep.index_select(0, A["v"].index_select(0, touch))
         rep.index_copy_(0, y, y)
+        # Kill the touched edges now (S and c, still read below, are left as they are).
+        A["u"].index_fill_(0, touch, n)
+        A["v"].index_fill_(0, touch, n)
+        A["L"].index_fill_(0, touch, math.inf)
+        n_touch = touch.numel()
         keep = tu != tv  # the merged pair's own edge becomes a self-loop: dropped
-        tkey = torch.minimum(tu, tv).masked_select(keep) * n + torch.maximum(tu, tv).masked_select(keep)
         tsel = touch.masked_select(keep)
-        del tu, tv, keep
-        uniq, inv = torch.unique(tkey, sorted=True, return_inverse=True)
+        del touch
+        tkey = torch.minimum(tu, tv)
+        torch.maximum(tu, tv, out=tu)
+        del tv
+        tkey.mul_(n).add_(tu)
+        del tu
+        tkey = tkey.masked_select(keep)
+        del keep
+        uniq, perm, inv = sort_groups(tkey)
         del tkey
+        tsel = tsel.index_select(0, perm)
+        del perm
         q = uniq.numel()
         nS = torch.zeros(q, dtype=F64, device=dev).index_add_(0, inv, A["S"].index_select(0, tsel))
         nc = torch.zeros(q, dtype=F64, device=dev).index_add_(0, inv, A["c"].index_select(0, tsel))
@@ -247,19 +287,20 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         else:
             nL = linkage(nS, nc, nM, size.index_select(0, nu), size.index_select(0, nv),
                          R.index_select(0, nu), R.index_select(0, nv), *impute)
-        A["u"].index_fill_(0, touch, n)
-        A["v"].index_fill_(0, touch, n)
-        A["L"].index_fill_(0, touch, math.inf)
-        live += q - touch.numel()
+        live += q - n_touch
         # Compact the live edges when out of spare capacity, or when most of [0, E) is dead
         # (late rounds merge few clusters each: scans over dead edges would dominate them).
+        # One array at a time, so the peak is the old arrays plus one new one (not two full sets).
         if E + q > A["u"].numel() or live < E // 2:
             keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
-            B = alloc(keepi.numel() + q)
-            for name, t in A.items():
-                B[name][:keepi.numel()] = t.index_select(0, keepi)
-            A, E = B, keepi.numel()
-            del B, keepi
+            E = keepi.numel()
+            cap = capacity(E + q)
+            for name, (dt, fill) in spec.items():
+                t = torch.full((cap,), fill, dtype=dt, device=dev)
+                torch.index_select(A[name], 0, keepi, out=t[:E])
+                A[name] = t
+                del t
+            del keepi
         A["u"][E:E + q] = nu
         A["v"][E:E + q] = nv
         A["S"][E:E + q] = nS
@@ -274,7 +315,7 @@ def rac(u, v, d, r, n: int, *, impute, max_epsilon: float, block: int, progress=
         flag.index_fill_(0, nv, True)
         dirty = torch.nonzero(flag).squeeze(1)
         flag.index_fill_(0, dirty, False)
-        del nu, nv, nS, nc, nM, nL, touch
+        del nu, nv, nS, nc, nM, nL
         log.debug("hac round %d: %d merges (%d total), %d live edges", rounds, p, done, live)
         if progress is not None:
             progress(done, n - 1)

@@ -137,8 +137,10 @@ def _to_numpy(x, name):
 
 
 def _graph_edges(graph, device, budget):
-    """Validate `graph` and return (n, src, dst, dist, r) as tensors on `device`: directed
-    edges without self-loops or missing entries, and r (float64 [n]) each row's largest distance."""
+    """Validate `graph` and return (n, key, dist, r) as tensors on `device`: the directed edges
+    without self-loops or missing entries as undirected pair keys min(i, j) * n + max(i, j)
+    (int64 [e]) with their distances (float [e], the graph's float dtype), and r (float64 [n])
+    each row's largest distance. Keys, not (src, dst) pairs: a third of the memory at 10M x 16."""
     import scipy.sparse as sp
 
     if sp.issparse(graph):
@@ -159,7 +161,7 @@ def _graph_edges(graph, device, budget):
         if data.size:
             r[nz] = np.maximum.reduceat(data.astype(np.float64), g.indptr[:-1][nz])
         t = lambda a: torch.as_tensor(a).to(device)
-        return n, t(rows), t(cols), t(data.astype(np.float64)), t(r)
+        return n, t(np.minimum(rows, cols) * n + np.maximum(rows, cols)), t(data.astype(np.float64)), t(r)
 
     if isinstance(graph, tuple) and len(graph) == 2:
         indices, distances = graph
@@ -184,11 +186,12 @@ def _graph_edges(graph, device, budget):
     if gn is not None and not isinstance(graph, tuple) and int(gn) != n:
         raise ValueError(f"graph.n: expected {n} (the rows of graph.indices), got {gn}")
     rows_blk = max(1, _budget(budget) // max(1, 48 * k))
-    src, dst, dist, rr = [], [], [], []
+    keys, dist, rr = [], [], []
     for s in range(0, n, rows_blk):
         e = min(n, s + rows_blk)
         idx = torch.from_numpy(np.array(indices[s:e], dtype=np.int64)).to(device)
-        dd = torch.from_numpy(np.array(distances[s:e], dtype=np.float64)).to(device)
+        dd = torch.from_numpy(np.array(distances[s:e], dtype=np.float64 if distances.dtype == np.float64
+                                       else np.float32)).to(device)
         if idx.numel() and (int(idx.min()) < -1 or int(idx.max()) >= n):
             bad = int(idx.min()) if int(idx.min()) < -1 else int(idx.max())
             raise ValueError(f"graph.indices: expected indices in [0, {n}) or -1 for missing, got {bad}")
@@ -200,15 +203,18 @@ def _graph_edges(graph, device, budget):
                              f"got one in row {i}")
         if not bool(torch.isfinite(dd[valid]).all()):
             raise ValueError("graph.distances: expected finite distances for valid neighbours, got non-finite values")
-        rr.append(torch.where(valid, dd, torch.zeros_like(dd)).amax(dim=1) if k else
+        rr.append(torch.where(valid, dd, torch.zeros_like(dd)).amax(dim=1).to(torch.float64) if k else
                   torch.zeros(e - s, dtype=torch.float64, device=device))
-        src.append(row[valid])
-        dst.append(idx[valid])
+        i, j = row[valid], idx[valid]
+        keys.append(torch.minimum(i, j) * n + torch.maximum(i, j))
         dist.append(dd[valid])
+        del idx, dd, valid, row, i, j
     if n == 0:
         z = torch.zeros(0, dtype=torch.int64, device=device)
-        return 0, z, z, z.to(torch.float64), z.to(torch.float64)
-    return n, torch.cat(src), torch.cat(dst), torch.cat(dist), torch.cat(rr)
+        return 0, z, z.to(torch.float64), z.to(torch.float64)
+    key = torch.cat(keys)
+    del keys
+    return n, key, torch.cat(dist), torch.cat(rr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +237,7 @@ def _unit_rows(embeddings, n, device, budget):
             raise ValueError("embeddings: expected finite values, got non-finite entries")
         # A zero row stays zero: at cosine distance 1 from everything (cos taken as 0).
         F[s:s + x.shape[0]] = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(F.dtype)
+        pool.release(s, s + x.shape[0])  # F holds the rows now: the mapped pages need not stay resident
     return F
 
 
@@ -261,14 +268,17 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
         raise ValueError(f'embeddings: only used by missing="exact", got missing={params.missing!r} with embeddings')
     dev = resolve_device(device)
     budget = _budget(budget_bytes)
-    n, src, dst, dist, r = _graph_edges(graph, dev, budget)
+    n, key, dist, r = _graph_edges(graph, dev, budget)
     feats = _unit_rows(embeddings, n, dev, budget) if params.missing == "exact" else None
     if n == 0:
         z = np.zeros(0, dtype=np.int64)
         return Merges(0, z, z.copy(), np.zeros(0), z.copy())
-    log_memory_estimate("hac", int(src.numel()) * 120 + (0 if feats is None else feats.numel() * feats.element_size()))
-    u, v, d = K.symmetrize(src, dst, dist, n)
-    del src, dst, dist
+    log_memory_estimate("hac", int(key.numel()) * 64 + (0 if feats is None else feats.numel() * feats.element_size()))
+    # A list handed over and emptied by its consumers, so that no frame here keeps the edge
+    # arrays alive once they are copied (at 10M x 16 each array is ~1 GB).
+    edges = [key, dist]
+    del key, dist
+    edges = list(K.symmetrize(edges, n))
     if params.missing in ("edges", "exact"):
         impute = None
     elif params.missing == "bound":
@@ -277,7 +287,7 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
         c = params.missing_value if params.missing_value is not None else float(r.max())
         impute = (0.0, c)
     maxe = float("inf") if params.max_epsilon is None else params.max_epsilon
-    a, b, h, sz, rounds = K.rac(u, v, d, r, n, impute=impute, max_epsilon=maxe,
+    a, b, h, sz, rounds = K.rac(edges, r, n, impute=impute, max_epsilon=maxe,
                                 block=K.edge_block(budget), progress=progress, feats=feats)
     log.info("hac: %d merges in %d rounds over %d points", a.numel(), rounds, n)
     return _sorted_merges(n, a.cpu().numpy(), b.cpu().numpy(), h.cpu().numpy(), sz.cpu().numpy())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Iterator
@@ -232,6 +233,30 @@ class Pool:
             return rows.to(device, non_blocking=True).to(dtype)
         return rows.to(device=device, dtype=dtype if dtype is not None else rows.dtype)
 
+    def release(self, start: int, stop: int) -> bool:
+        """Drop rows [start, stop) of a memory-mapped .npy pool from this process's resident pages.
+
+        A streaming pass over a mapped file otherwise leaves every page it read mapped and
+        counted in the process's RSS until the mapping closes (the whole pool at the end of
+        the pass). The pages stay in the page cache (a later read faults them back in without
+        disk I/O) and the mapping is read-only, so the data is unchanged. Returns whether
+        anything was released (False for sources that are not a whole-file read-only memmap).
+        """
+        a = self.array
+        mm = getattr(a, "base", None)
+        if not (isinstance(a, np.memmap) and isinstance(mm, mmap.mmap) and a.flags.c_contiguous and stop > start):
+            return False
+        # numpy maps from the allocation-granularity boundary below the data's file offset.
+        head = int(a.offset) % mmap.ALLOCATIONGRANULARITY
+        lo = head + int(start) * self.row_bytes
+        hi = min(len(mm), head + int(stop) * self.row_bytes)
+        lo -= lo % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (AttributeError, OSError, ValueError):  # no madvise on this platform: harmless
+            return False
+        return True
+
     def block_ranges(self, budget=None, *, bytes_per_row: int | None = None, rows: int | None = None):
         """(start, stop) pairs covering the pool; rows per block from the byte budget."""
         if rows is None:
@@ -240,10 +265,14 @@ class Pool:
         return [(s, min(s + rows, self.n)) for s in range(0, self.n, rows)]
 
     def iter_blocks(self, budget=None, *, device="cpu", dtype=None, rows: int | None = None,
-                    bytes_per_row: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield (start, stop, block tensor) over the pool."""
+                    bytes_per_row: int | None = None, release: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield (start, stop, block tensor) over the pool. release: after the consumer is done
+        with a block, drop its pages from the resident set (`release`): a single pass then holds
+        one block of the mapped file resident instead of all of it."""
         for s, e in self.block_ranges(budget, bytes_per_row=bytes_per_row, rows=rows):
             yield s, e, self.block(s, e, device=device, dtype=dtype)
+            if release:
+                self.release(s, e)
 
     def fingerprint(self, *, full: bool = False, samples: int = 64, sample_rows: int = 64) -> str:
         """A hex digest of shape, dtype and content.

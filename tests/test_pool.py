@@ -118,3 +118,34 @@ def test_synthetic_pool_is_deterministic_and_blockwise(tmp_path):
     np.testing.assert_array_equal(a[1000:2000], blk)
     assert np.isfinite(a).all() and (comp >= -1).all()
     assert not np.array_equal(a, np.load(make_pool(tmp_path / "c.npy", PoolSpec(n=3000, d=16, seed=4))))
+
+
+def _rss_file_kb():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    return None
+
+
+@pytest.mark.skipif(_rss_file_kb() is None, reason="needs /proc/self/status (Linux)")
+def test_release_drops_mapped_pages_and_keeps_the_data(tmp_path):
+    # 48 MB pool: a streaming pass with release=True must leave (almost) none of it resident,
+    # and the rows must read back unchanged afterwards (pages come back from the page cache).
+    x = np.random.default_rng(0).random((96_000, 125), dtype=np.float32)
+    np.save(tmp_path / "p.npy", x)
+    pool = Pool(tmp_path / "p.npy")
+    before = _rss_file_kb()
+    total = sum(float(b.sum()) for _s, _e, b in pool.iter_blocks(rows=7_001))
+    kept = _rss_file_kb() - before
+    assert kept > 30_000  # the pass without release leaves the pool resident
+    assert pool.release(0, pool.n)
+    assert _rss_file_kb() - before < 8_000
+    pool2 = Pool(tmp_path / "p.npy")
+    base2 = _rss_file_kb()
+    total2 = sum(float(b.sum()) for _s, _e, b in pool2.iter_blocks(rows=7_001, release=True))
+    assert _rss_file_kb() - base2 < 8_000
+    assert total2 == total
+    np.testing.assert_array_equal(np.asarray(pool2.array), x)
+    # Sources that are not whole-file memmaps: nothing to release.
+    assert not Pool(x).release(0, 10)
+    assert not pool2.release(5, 5)
