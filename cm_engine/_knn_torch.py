@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from ._device import log_memory_estimate, rows_per_block
-from .knn import _prep, default_nlist, exact_distances, finish_rows, gather_rows
+from .knn import _prep, default_nlist, exact_distances, finish_rows, finish_rows_np, gather_rows
 
 log = logging.getLogger("cm_engine")
 
@@ -192,15 +194,54 @@ def _topk_torch(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str, cdt: 
     return key.topk(min(kc, cand.shape[0]), dim=1, largest=False, sorted=False).indices
 
 
-def _topk_faiss(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str):
-    """Same through faiss.knn (fused BLAS + heap): the CPU's fast search function. Returns
-    (indices, cosine distances from the float32 inner products of unit rows, or None for l2)."""
-    import faiss  # the caller checked it is importable
+#: Largest k-means (training rows x cells x d multiply-adds per iteration) run on one worker
+#: thread rather than FAISS's OpenMP team: at 50K (2e8) the team's barriers cost more than
+#: the arithmetic on a busy host; at 1M (8e10) the team is needed.
+_SERIAL_KMEANS_MACS = 2**30
 
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    D, i = faiss.knn(q.numpy(), cand.numpy(), min(kc, cand.shape[0]), metric=mt)
-    dist = torch.from_numpy(1.0 - D).clamp_(0.0, 2.0) if metric == "cosine" else None
-    return torch.from_numpy(i), dist
+
+def _one_thread() -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # per calling thread in OpenMP: this worker's FAISS/BLAS calls only
+    torch.set_num_threads(1)  # this thread's OpenMP and MKL; the caller holds torch's global at 1 meanwhile
+
+
+class _Workers(ThreadPoolExecutor):
+    """CPU threads that each run FAISS and torch single-threaded, for the grouped search's many
+    small calls (FAISS and torch release the GIL). Create it with torch's threads set to 1 (see
+    `gemm_ivf_knn`).
+
+    Why not the libraries' OpenMP teams: a cell's search takes milliseconds, and between such
+    calls FAISS's team and torch's pool spin or are descheduled; at 50K on 2 busy cores (load 6.8)
+    the graph took 17.7 s with 2 OpenMP threads and 2.4 s with one. Independent cells on
+    single-threaded workers need no barrier.
+    """
+
+    def __init__(self, n: int):
+        super().__init__(max(1, n), thread_name_prefix="cm-knn", initializer=_one_thread)
+        self.n = max(1, n)
+
+    def split_rows(self, fn, x: np.ndarray) -> list:
+        """fn over contiguous row slices of x, one per worker; results in row order."""
+        b = np.linspace(0, x.shape[0], min(self.n, max(1, x.shape[0])) + 1).astype(np.int64)
+        return list(self.map(lambda se: fn(x[se[0]:se[1]]), zip(b[:-1], b[1:])))
+
+    def knn(self, xq: np.ndarray, xb: np.ndarray, k: int, metric) -> tuple[np.ndarray, np.ndarray]:
+        """faiss.knn (D, I) with the database split over the workers, the parts' top-k merged.
+        (Splitting the queries instead was ~5x slower with 2 workers, 1000 x 50K, busy host.)"""
+        import faiss
+
+        from .knn import _merge
+
+        b = np.linspace(0, xb.shape[0], min(self.n, max(1, xb.shape[0] // max(1, k))) + 1).astype(np.int64)
+        parts = list(self.map(lambda se: faiss.knn(xq, xb[se[0]:se[1]], min(k, int(se[1] - se[0])), metric=metric),
+                              zip(b[:-1], b[1:])))
+        ip = metric == faiss.METRIC_INNER_PRODUCT
+        D, I = (-parts[0][0] if ip else parts[0][0]), parts[0][1]
+        for (Dp, Ip), s in zip(parts[1:], b[1:-1]):
+            D, I = _merge(D, I, -Dp if ip else Dp, Ip + s, k)
+        return (-D if ip else D), I
 
 
 def grouped_nlist(n: int) -> int:
@@ -211,25 +252,30 @@ def grouped_nlist(n: int) -> int:
 
 
 def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
-                     use_faiss: bool) -> torch.Tensor:
+                     workers: _Workers | None) -> torch.Tensor:
     """k-means centroids [nlist, d] float32 of the prepped sample xt: FAISS's k-means on the CPU
-    when the kernel is FAISS (several times faster than Lloyd's loop in torch there), else ours."""
-    if not use_faiss:
+    when the kernel is FAISS (`workers` given; several times faster than Lloyd's loop in torch
+    there), else ours. Small runs go to one worker thread (see _SERIAL_KMEANS_MACS)."""
+    if workers is None:
         return kmeans(xt, nlist, niter=niter, seed=seed, metric=metric, work=work)
     import faiss  # the caller checked it is importable
 
     km = faiss.Kmeans(xt.shape[1], nlist, niter=niter, seed=seed, spherical=metric == "cosine",
                       max_points_per_centroid=max(256, -(-xt.shape[0] // nlist)), verbose=False)
-    km.train(np.ascontiguousarray(xt.numpy()))
+    x = np.ascontiguousarray(xt.numpy())
+    if x.shape[0] * nlist * x.shape[1] <= _SERIAL_KMEANS_MACS:
+        workers.submit(km.train, x).result()
+    else:
+        km.train(x)
     return torch.from_numpy(km.centroids.copy())
 
 
-def _sample_exact(pool, rows, q, *, k, metric, dev, budget, use_faiss):
+def _sample_exact(pool, rows, q, *, k, metric, dev, budget, workers):
     """Exact k nearest other rows of sample `rows` (prepped q [m, d]): (indices [m, k] int64,
-    float32 distances [m, k]). faiss.knn over pool blocks on the CPU (torch's CPU topk is slow),
-    the tiled torch search otherwise."""
+    float32 distances [m, k]). faiss.knn over pool blocks on the CPU workers (torch's CPU topk is
+    slow), the tiled torch search otherwise (workers None)."""
     m = rows.size
-    if not use_faiss:
+    if workers is None:
         ex = (np.empty((m, k), np.int64), np.empty((m, k), np.float32))
         exact_knn(pool, k=k, metric=metric, dev=dev, budget=budget, out=ex, progress=None,
                   compute_dtype="float32", query_rows=rows)
@@ -241,12 +287,12 @@ def _sample_exact(pool, rows, q, *, k, metric, dev, budget, use_faiss):
     ts = _TuneSet(rows=rows, xq=np.ascontiguousarray(q.numpy()), kk=k + 1,
                   metric=faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2)
     for s, e in pool.block_ranges(budget // 2, bytes_per_row=pool.shape[1] * 8):
-        ts.scan(_prep(pool.block(s, e), metric).numpy(), s, faiss)
+        ts.scan(_prep(pool.block(s, e), metric).numpy(), s, faiss, knn=workers.knn)
     return ts.exact(pool, metric, k)
 
 
 def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k, metric, dev, budget, work,
-                 target: float, use_faiss: bool = False):
+                 target: float, workers: _Workers | None = None):
     """nprobe from the exact neighbours of sample `rows` (prepped q [m, d]): a true neighbour is
     reachable at nprobe p when its cell ranks among the p cells nearest to the query, so one
     ranking of the centroids per sample row gives recall(p) for every p at once (the recall of
@@ -256,7 +302,7 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
 
     nlist = C.shape[0]
     m = rows.size
-    ex = _sample_exact(pool, rows, q, k=k, metric=metric, dev=dev, budget=budget, use_faiss=use_faiss)
+    ex = _sample_exact(pool, rows, q, k=k, metric=metric, dev=dev, budget=budget, workers=workers)
     cn = C.pow(2).sum(1) if metric == "l2" else None
     valid = ex[0] >= 0
     nb = _prep(gather_rows(pool, ex[0], device=dev), metric)
@@ -277,6 +323,106 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
     return chosen, info, ex
 
 
+def _cell_search(q: np.ndarray, cand: np.ndarray, *, kc: int, metric: str, work: int, kernel: str,
+                 cdt: torch.dtype):
+    """Nearest candidates of queries q [m, d] among cand [M, d] (prepped float32), in query blocks:
+    (positions in cand [m, min(kc, M)] int64, float32 distances). kernel "torch": matmul + topk
+    (cdt: matmul dtype), "faiss": faiss.knn. Distances: cosine from the float32 inner products of
+    unit rows, else recomputed from the rows (l2: BLAS's |a|^2 + |b|^2 - 2ab cancels). For worker
+    threads: every op here runs single-threaded in them."""
+    mt = None
+    if kernel == "faiss":
+        import faiss
+
+        mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    kb = min(kc, cand.shape[0])
+    tc = torch.from_numpy(cand)
+    tcc = tc.to(cdt)
+    dn = tc.pow(2).sum(1) if metric == "l2" else None
+    exact_ip = metric == "cosine" and (kernel == "faiss" or cdt == torch.float32)
+    bq = rows_per_block(cand.shape[0] * 12 + q.shape[1] * 8, work // 4, maximum=max(1, q.shape[0]))
+    sel = np.empty((q.shape[0], kb), np.int64)
+    dist = np.empty((q.shape[0], kb), np.float32)
+    for s in range(0, q.shape[0], bq):
+        qb = q[s:s + bq]
+        if kernel == "faiss":
+            D, i = faiss.knn(qb, cand, kb, metric=mt)
+        else:
+            S = torch.from_numpy(qb).to(cdt) @ tcc.T
+            if exact_ip:  # the float32 similarities are the result: no second pass over the rows
+                v, ii = S.topk(kb, dim=1, sorted=False)
+                D, i = v.numpy(), ii.numpy()
+            else:
+                i = _key(S, metric, dn).topk(kb, dim=1, largest=False, sorted=False).indices.numpy()
+        sel[s:s + bq] = i
+        if exact_ip:
+            np.clip(1.0 - D, 0.0, 2.0, out=dist[s:s + bq])
+        else:
+            dist[s:s + bq] = exact_distances(torch.from_numpy(qb), tc[torch.from_numpy(i)], metric).numpy()
+    return sel, dist
+
+
+def _join_workers(xs: np.ndarray, req: np.ndarray, perm: np.ndarray, counts: np.ndarray, off: np.ndarray, *, cap,
+                  k, kc, metric, out, progress, workers: _Workers, work, kernel, cdt, lap) -> tuple[int, int]:
+    """Steps 3 and 4 of the grouped search on CPU worker threads, one cell per task.
+
+    xs [N, d] float32: the prepped pool in cell order; req [N, nprobe] int32: each row's cells,
+    in cell order; perm [N]: pool index of each cell-order row; counts [nlist], off [nlist + 1]:
+    cell sizes and starts. Each cell's rows are finished and written by its worker (cells' rows
+    are disjoint); the cut requests' results are merged into their rows on this thread, in cell
+    order, so the graph does not depend on thread timing. Returns (pairs searched, cut requests).
+    """
+    nlist = counts.size
+    wb = max(1, work // (2 * workers.n))  # each worker's share of the working memory
+    opts = dict(kc=kc, metric=metric, work=wb, kernel=kernel, cdt=cdt)
+
+    def cell(c):
+        m = int(counts[c])
+        creq = req[off[c]:off[c + 1]]
+        cells = _cell_probes(creq, c, nlist, cap)
+        cells = cells[counts[cells] > 0]
+        miss = ~np.isin(creq, cells) & (counts[creq] > 0)
+        r, j = np.nonzero(miss)
+        cand = np.concatenate([xs[off[p]:off[p + 1]] for p in cells])
+        cand_ids = np.concatenate([perm[off[p]:off[p + 1]] for p in cells])
+        sel, dist = _cell_search(xs[off[c]:off[c + 1]], cand, **opts)
+        rows = perm[off[c]:off[c + 1]]
+        ii, dd = finish_rows_np(rows, cand_ids[sel], dist, k)
+        out[0][rows] = ii
+        out[1][rows] = dd
+        return m, m * cand.shape[0], off[c] + r, creq[r, j]
+
+    searched = 0
+    left_pos, left_cell = [], []  # (row position in cell order, requested cell) the cap left out
+    for m, pairs, lp, lc in workers.map(cell, np.flatnonzero(counts)):
+        searched += pairs
+        left_pos.append(lp)
+        left_cell.append(lc)
+        if progress is not None:
+            progress(m)
+    lap("join")
+
+    # Requests the cap cut: grouped the other way round, by requested cell (a contiguous slice of
+    # xs, no copy), each row's results merged into its row. Every row has then been searched
+    # against all of its own nprobe cells, as per-query IVF probing would.
+    lp, lc = np.concatenate(left_pos), np.concatenate(left_cell).astype(np.int64)
+    if lp.size == 0:
+        return searched, 0
+    order = np.argsort(lc, kind="stable")
+    lp, lc = lp[order], lc[order]
+    bounds = np.flatnonzero(np.diff(lc)) + 1
+
+    def requested(job):
+        pos, p = job
+        sel, dist = _cell_search(xs[pos], xs[off[p]:off[p + 1]], **opts)
+        return perm[pos], perm[off[p] + sel], dist, pos.size * int(counts[p])
+
+    for rows, ii, dd, pairs in workers.map(requested, zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])])):
+        searched += pairs
+        _merge_into(out, rows, ii, dd, k)
+    return searched, int(lp.size)
+
+
 def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=None, nprobe=None,
                  max_cell_probes=None, train_per_cell=None, niter=None, compute_dtype=None, kernel="auto",
                  target_recall=None, tune_rows=None):
@@ -287,13 +433,15 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     (itself first, at most `max_cell_probes`, default 2 * nprobe; the requests the cap cuts
     are searched afterwards grouped by requested cell and merged, so every point searches at
     least its own nprobe cells): no per-query probing, and
-    each point's own nprobe cells are covered unless the cap cuts them. The per-block search is
-    one swappable function: matmul + topk in torch (CUDA, or CPU without FAISS), or faiss.knn on
-    the CPU (torch's CPU topk is the slow part there; FAISS's k-means and quantizer too).
+    each point's own nprobe cells are covered unless the cap cuts them. On the CPU with FAISS,
+    k-means, the quantizer and the tuning sample's exact search are FAISS's, and the cells run
+    on single-threaded worker threads (torch.get_num_threads() of them; torch's thread count
+    is held at 1 meanwhile), each cell searched by `kernel`: "torch" (matmul + topk; "auto")
+    or "faiss" (faiss.knn). On CUDA or without FAISS: one loop of torch matmul + topk.
     nprobe=None tunes it to `target_recall` on `tune_rows` sample rows (see `_tune_nprobe`); the
-    recall those rows reach in the finished graph is reported as info["sample_recall"].
+    recall those rows reach in the finished graph is reported as info["sample_recall"];
+    info["phase_s"] holds the seconds of each phase (train, tune, assign, join, second_pass).
     """
-    from .knn import DEFAULT_TARGET_RECALL, DEFAULT_TUNE_ROWS, _recall_rows, KNNGraph
 
     n, d = pool.shape
     nlist = min(nlist or grouped_nlist(n), n)
@@ -302,23 +450,64 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     cdt = _compute_dtype(compute_dtype, dev, pool)
     kc = k + 1 + (0 if cdt == torch.float32 else _REDUCED_PAD)
     work = _work_bytes(budget, dev)
+    # On the CPU with FAISS: FAISS's k-means, quantizer and sample search, and the cells on
+    # single-threaded worker threads (per-cell search: torch matmul + topk, or faiss.knn, which
+    # ran ~1.5x slower per cell of ~256 queries here). Else (CUDA, no FAISS): one loop in torch.
+    use_workers = dev.type == "cpu" and (kernel == "faiss" or _faiss_importable())
+    if kernel == "faiss" and dev.type != "cpu":
+        raise ValueError(f"kernel: 'faiss' runs on the CPU only, got kernel='faiss' with device {dev}")
     if kernel == "auto":
         kernel = "torch"
-        if dev.type == "cpu" and cdt == torch.float32:
-            try:
-                import faiss  # noqa: F401
-                kernel = "faiss"
-            except ImportError:
-                pass
-    use_faiss = kernel == "faiss"
+    if not use_workers:
+        return _grouped_search(pool, k=k, metric=metric, dev=dev, budget=budget, out=out, progress=progress,
+                               seed=seed, nlist=nlist, nprobe=nprobe, max_cell_probes=max_cell_probes,
+                               train_per_cell=train_per_cell, niter=niter, cdt=cdt, kc=kc, work=work, kernel=kernel,
+                               workers=None, target_recall=target_recall, tune_rows=tune_rows)
+    # torch's thread count is process-wide: held at 1 while the workers run (each is one thread).
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _Workers(n_threads) as workers:
+            return _grouped_search(pool, k=k, metric=metric, dev=dev, budget=budget, out=out, progress=progress,
+                                   seed=seed, nlist=nlist, nprobe=nprobe, max_cell_probes=max_cell_probes,
+                                   train_per_cell=train_per_cell, niter=niter, cdt=cdt, kc=kc, work=work,
+                                   kernel=kernel, workers=workers, target_recall=target_recall, tune_rows=tune_rows)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _faiss_importable() -> bool:
+    try:
+        import faiss  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist, nprobe, max_cell_probes,
+                    train_per_cell, niter, cdt, kc, work, kernel, workers, target_recall, tune_rows):
+    """The body of `gemm_ivf_knn` once options are resolved; `workers` given: the CPU + FAISS path."""
+    from .knn import DEFAULT_TARGET_RECALL, DEFAULT_TUNE_ROWS, _recall_rows, KNNGraph
+
+    n, d = pool.shape
+    use_faiss = workers is not None  # FAISS for k-means, quantizer and the sample's exact search
+    phase = {}  # seconds per phase, reported as info["phase_s"]
+    t_phase = time.perf_counter()
+
+    def lap(name):
+        nonlocal t_phase
+        t = time.perf_counter()
+        phase[name] = round(t - t_phase, 4)
+        t_phase = t
 
     # 1. Coarse partition from a seeded sample.
     rng = np.random.default_rng([seed, 0x7E])
     ntrain = min(n, nlist * train_per_cell)
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
     xt = _prep(gather_rows(pool, sample, device=dev), metric)
-    C = _train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, use_faiss=use_faiss)
+    C = _train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
     cn = C.pow(2).sum(1) if metric == "l2" else None
+    lap("train")
     info = {}
     tune = None
     if nprobe is None:
@@ -327,8 +516,9 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
         pick = np.sort(np.random.default_rng([seed, 0x2A]).choice(ntrain, size=m, replace=False))
         nprobe, info, ex = _tune_nprobe(pool, sample[pick], xt[torch.from_numpy(pick).to(xt.device)], C, k=k,
                                         metric=metric, dev=dev, budget=budget, work=work, target=target,
-                                        use_faiss=use_faiss)
+                                        workers=workers)
         tune = (sample[pick], ex)
+        lap("tune")
     del xt
     nprobe = min(nprobe, nlist)
     cap = min(nlist, max_cell_probes or 2 * nprobe)
@@ -347,7 +537,7 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     for s, e in pool.block_ranges(work // 4, bytes_per_row=d * 8):
         x = _prep(pool.block(s, e, device=dev), metric)
         if qz is not None:
-            req[s:e] = qz.search(x.numpy(), nprobe)[1]
+            req[s:e] = np.concatenate(workers.split_rows(lambda r: qz.search(r, nprobe)[1], x.numpy()))
         else:
             req[s:e] = _nearest_centroid(x, C, metric, cn, work, p=nprobe).reshape(e - s, nprobe).cpu().numpy()
     assign = req[:, 0].astype(np.int64)
@@ -363,78 +553,75 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
         xs[inv_t[s:e]] = _prep(pool.block(s, e, device=xs.device), metric)
     req = req[perm]  # rows now in cell order too
     perm_t = torch.from_numpy(perm).to(dev)
+    lap("assign")
 
-    # 3. The self-join, cell by cell.
-    def search(qf, cand, dn):
-        """(indices into cand [m, kc'], float32 distances [m, kc']) of the nearest candidates."""
-        if use_faiss:
-            sel, dist = _topk_faiss(qf, cand, kc, metric)
-            if dist is None:  # l2: recompute from the rows (BLAS's |a|^2+|b|^2-2ab cancels)
-                dist = exact_distances(qf, cand[sel], metric)
-            return sel, dist
-        sel = _topk_torch(qf, cand, kc, metric, cdt, dn)
-        return sel, exact_distances(qf, cand[sel], metric)
+    # 3. The self-join, cell by cell (4. then the requests the cap cut).
+    if use_faiss:
+        searched, n_left = _join_workers(xs.numpy(), req, perm, counts, off, cap=cap, k=k, kc=kc, metric=metric,
+                                         out=out, progress=progress, workers=workers, work=work, kernel=kernel,
+                                         cdt=cdt, lap=lap)
+    else:
+        # 3. The self-join, cell by cell.
+        def search(qf, cand, dn):
+            """(indices into cand [m, kc'], float32 distances [m, kc']) of the nearest candidates."""
+            sel = _topk_torch(qf, cand, kc, metric, cdt, dn)
+            return sel, exact_distances(qf, cand[sel], metric)
 
-    searched = 0
-    buf = torch.empty((0, d), dtype=torch.float32, device=xs.device)
-    xs_np = xs.numpy() if use_faiss else None
-    left_pos, left_cell = [], []  # (row position in cell order, requested cell) the cap left out
-    for c in range(nlist):
-        m = int(counts[c])
-        if m == 0:
-            continue
-        creq = req[off[c]:off[c + 1]]
-        cells = _cell_probes(creq, c, nlist, cap)
-        cells = cells[counts[cells] > 0]
-        miss = ~np.isin(creq, cells) & (counts[creq] > 0)
-        if miss.any():
-            r, j = np.nonzero(miss)
-            left_pos.append(off[c] + r)
-            left_cell.append(creq[r, j])
-        M = int(counts[cells].sum())
-        if M > buf.shape[0]:  # one reused buffer
-            buf = torch.empty((max(M, 2 * buf.shape[0]), d), dtype=torch.float32, device=xs.device)
-        if use_faiss:
-            # numpy copies on the FAISS path: torch's thread pool waking between FAISS's OpenMP
-            # calls made these copies 15x slower than the copy itself (measured at 200K).
-            np.concatenate([xs_np[off[p]:off[p + 1]] for p in cells], out=buf.numpy()[:M])
-            cand = buf[:M]
-            cand_ids = torch.from_numpy(np.concatenate([perm[off[p]:off[p + 1]] for p in cells]))
-        else:
+        searched = 0
+        buf = torch.empty((0, d), dtype=torch.float32, device=xs.device)
+        left_pos, left_cell = [], []  # (row position in cell order, requested cell) the cap left out
+        for c in range(nlist):
+            m = int(counts[c])
+            if m == 0:
+                continue
+            creq = req[off[c]:off[c + 1]]
+            cells = _cell_probes(creq, c, nlist, cap)
+            cells = cells[counts[cells] > 0]
+            miss = ~np.isin(creq, cells) & (counts[creq] > 0)
+            if miss.any():
+                r, j = np.nonzero(miss)
+                left_pos.append(off[c] + r)
+                left_cell.append(creq[r, j])
+            M = int(counts[cells].sum())
+            if M > buf.shape[0]:  # one reused buffer
+                buf = torch.empty((max(M, 2 * buf.shape[0]), d), dtype=torch.float32, device=xs.device)
             cand = torch.cat([xs[off[p]:off[p + 1]] for p in cells], out=buf[:M]).to(dev, non_blocking=True)
             cand_ids = torch.cat([perm_t[off[p]:off[p + 1]] for p in cells])
-        dn = cand.pow(2).sum(1) if metric == "l2" and kernel == "torch" else None
-        searched += m * M
-        bq = rows_per_block(M * 12 + d * 8, work // 4, maximum=m)
-        for qs in range(0, m, bq):
-            qe = min(m, qs + bq)
-            sel, dist = search(xs[off[c] + qs:off[c] + qe].to(dev, non_blocking=True), cand, dn)
-            _write(out, perm[off[c] + qs:off[c] + qe], cand_ids[sel], dist, k, progress)
+            dn = cand.pow(2).sum(1) if metric == "l2" else None
+            searched += m * M
+            bq = rows_per_block(M * 12 + d * 8, work // 4, maximum=m)
+            for qs in range(0, m, bq):
+                qe = min(m, qs + bq)
+                sel, dist = search(xs[off[c] + qs:off[c] + qe].to(dev, non_blocking=True), cand, dn)
+                _write(out, perm[off[c] + qs:off[c] + qe], cand_ids[sel], dist, k, progress)
 
-    # 4. Requests the cap cut: grouped the other way round, by requested cell (a contiguous
-    #    slice of xs, no copy), each row's results merged into its row. Every row has then been
-    #    searched against all of its own nprobe cells, as per-query IVF probing would.
-    n_left = 0
-    if left_pos:
-        lp, lc = np.concatenate(left_pos), np.concatenate(left_cell)
-        n_left = int(lp.size)
-        order = np.argsort(lc, kind="stable")
-        lp, lc = lp[order], lc[order]
-        bounds = np.flatnonzero(np.diff(lc)) + 1
-        for pos, p in zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])]):
-            cand = xs[off[p]:off[p + 1]].to(dev, non_blocking=True)
-            dn = cand.pow(2).sum(1) if metric == "l2" and kernel == "torch" else None
-            searched += pos.size * cand.shape[0]
-            pos_t = torch.from_numpy(pos).to(xs.device)
-            bq = rows_per_block(cand.shape[0] * 12 + d * 8, work // 4, maximum=pos.size)
-            for qs in range(0, pos.size, bq):
-                sl = slice(qs, min(pos.size, qs + bq))
-                sel, dist = search(xs[pos_t[sl]].to(dev, non_blocking=True), cand, dn)
-                _merge_into(out, perm[pos[sl]], perm_t[off[p] + sel.to(dev)].cpu().numpy(), dist.cpu().numpy(), k)
+        lap("join")
+
+        # 4. Requests the cap cut: grouped the other way round, by requested cell (a contiguous
+        #    slice of xs, no copy), each row's results merged into its row. Every row has then been
+        #    searched against all of its own nprobe cells, as per-query IVF probing would.
+        n_left = 0
+        if left_pos:
+            lp, lc = np.concatenate(left_pos), np.concatenate(left_cell)
+            n_left = int(lp.size)
+            order = np.argsort(lc, kind="stable")
+            lp, lc = lp[order], lc[order]
+            bounds = np.flatnonzero(np.diff(lc)) + 1
+            for pos, p in zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])]):
+                cand = xs[off[p]:off[p + 1]].to(dev, non_blocking=True)
+                dn = cand.pow(2).sum(1) if metric == "l2" else None
+                searched += pos.size * cand.shape[0]
+                pos_t = torch.from_numpy(pos).to(xs.device)
+                bq = rows_per_block(cand.shape[0] * 12 + d * 8, work // 4, maximum=pos.size)
+                for qs in range(0, pos.size, bq):
+                    sl = slice(qs, min(pos.size, qs + bq))
+                    sel, dist = search(xs[pos_t[sl]].to(dev, non_blocking=True), cand, dn)
+                    _merge_into(out, perm[pos[sl]], perm_t[off[p] + sel.to(dev)].cpu().numpy(), dist.cpu().numpy(), k)
+    lap("second_pass")
     info.update({"nlist": nlist, "nprobe": nprobe, "max_cell_probes": cap, "train_rows": ntrain, "niter": niter,
                  "kernel": kernel, "compute_dtype": str(cdt).replace("torch.", ""),
                  "cell_size_max": int(counts.max()), "cell_size_mean": float(n / max(1, int((counts > 0).sum()))),
-                 "candidates_per_row": searched / n, "cap_cut_requests": n_left})
+                 "candidates_per_row": searched / n, "cap_cut_requests": n_left, "phase_s": phase})
     if tune is not None:
         rows, ex = tune
         got = KNNGraph(np.asarray(out[0][rows]), np.asarray(out[1][rows]), metric, k)

@@ -23,11 +23,13 @@ Both torch kernels live in `_knn_torch.py`; FAISS is imported lazily, here and i
 Why ``backend="auto"`` picks what it picks: on the CPU FAISS's BLAS search with its
 fused heap top-k is several times faster than torch, whose CPU ``topk`` over wide score
 matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. Approximate search
-on the CPU uses the GEMM-shaped self-join with ``faiss.knn`` as its per-cell kernel: a cell's
-queries against its candidates is one matrix product, where IVF's per-query list scans run at a
-fraction of the matrix-product rate (1M x 128, k=16, both tuned to 0.95: 103 s at recall 0.974
-against 137 s at 0.957 for IVF-Flat, on 2 cores); FAISS IVF is used when the float32 copy of the
-pool would not fit in memory.
+on the CPU uses the GEMM-shaped self-join (FAISS's k-means and quantizer; the cells on
+single-threaded worker threads, each one torch matrix product + top-k over ~2000 candidates, where
+torch's topk is cheap and ~1.5x faster than ``faiss.knn`` per cell): a cell's queries against its
+candidates is one matrix product, where IVF's per-query list scans run at a fraction of the
+matrix-product rate (1M x 128, k=16, both tuned to 0.95: 103 s at recall 0.974 against 137 s at
+0.957 for IVF-Flat, on 2 cores, before the worker threads); FAISS IVF is used when the float32
+copy of the pool would not fit in memory.
 On CUDA, FAISS is used when the installed build has GPU support (``faiss.get_num_gpus() > 0``),
 else torch, whose tiled kernels run at matrix-product speed on the card.
 ``exact=None`` chooses exact search for small pools (N <= 20,000 on the CPU, N <= 1,000,000 on
@@ -157,7 +159,8 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
       it is tuned: the smallest nprobe whose recall@k on `tune_rows` sample rows (default 1000)
       is at least `target_recall` (default 0.95) with two standard errors to spare; (torch
       approximate) max_cell_probes (cells a cell's queries search as one matrix, default
-      2 * nprobe; cut requests are searched in a second pass), kernel ("auto" | "faiss" | "torch"); (torch) compute_dtype ("float32" | "float16" |
+      2 * nprobe; cut requests are searched in a second pass), kernel (per-cell search on the CPU
+      with FAISS: "auto" = "torch" (matmul + topk) | "faiss" (faiss.knn)); (torch) compute_dtype ("float32" | "float16" |
       "bfloat16"; final distances are always recomputed in float32).
     Returns a KNNGraph with indices [N, k] (int32 if N < 2**31) and distances [N, k] float32.
     """
@@ -400,6 +403,15 @@ def finish_rows(rows: np.ndarray, cand_i: torch.Tensor, cand_d: torch.Tensor, k:
     return drop_self(np.asarray(rows, np.int64), ii, dd, k)
 
 
+def finish_rows_np(rows: np.ndarray, cand_i: np.ndarray, cand_d: np.ndarray, k: int):
+    """`finish_rows` in numpy (same result): for worker threads, where torch ops would wake
+    torch's thread pool. cand_i [m, c] int64 (-1 missing), cand_d [m, c] float32."""
+    cand_d = np.where(cand_i < 0, np.float32(np.inf), cand_d)
+    order = np.lexsort((cand_i, cand_d), axis=1)  # by distance, ties by index
+    ii, dd = np.take_along_axis(cand_i, order, 1), np.take_along_axis(cand_d, order, 1)
+    return drop_self(np.asarray(rows, np.int64), ii, dd, k)
+
+
 def drop_self(rows: np.ndarray, ii: np.ndarray, dd: np.ndarray, k: int):
     """Remove the row's own index from each sorted candidate row (else the last), keep k."""
     m, c = ii.shape
@@ -606,9 +618,11 @@ class _TuneSet:
     D: np.ndarray | None = None  # [m, kk] faiss scores turned ascending (1 - ip, or squared l2)
     I: np.ndarray | None = None
 
-    def scan(self, xb: np.ndarray, start: int, faiss) -> None:
+    def scan(self, xb: np.ndarray, start: int, faiss, knn=None) -> None:
+        """Merge the block xb (rows start.. of the pool) in; knn(xq, xb, k, metric) -> (D, I)
+        replaces faiss.knn (e.g. split over worker threads)."""
         kb = min(self.kk, xb.shape[0])
-        D, I = faiss.knn(self.xq, xb, kb, metric=self.metric)
+        D, I = (knn or faiss.knn)(self.xq, xb, kb, metric=self.metric)
         D = 1.0 - D if self.metric == faiss.METRIC_INNER_PRODUCT else D
         I = np.asarray(I, np.int64) + start
         if self.D is None:

@@ -171,6 +171,62 @@ def test_grouped_search_covers_the_requests_the_cap_cuts(metric, kernel):
     assert_same_neighbours(g, X, 8, metric)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_grouped_search_without_faiss_covers_the_cut_requests(metric, monkeypatch):
+    """The one-loop torch path (CUDA, or a CPU without FAISS) under the same exactness check."""
+    from cm_engine import _knn_torch
+
+    monkeypatch.setattr(_knn_torch, "_faiss_importable", lambda: False)
+    X = clustered(1500)
+    g = knn_graph(X, k=8, metric=metric, backend="torch", exact=False, nlist=12, nprobe=12, max_cell_probes=1)
+    assert g.info["phase_s"].keys() >= {"join", "second_pass"} and g.info["cap_cut_requests"] > 1500
+    assert_same_neighbours(g, X, 8, metric)
+
+
+def test_grouped_search_same_graph_with_any_thread_count():
+    """Cells on worker threads: the graph does not depend on how many (torch.get_num_threads()),
+    and torch's thread count is restored afterwards."""
+    X = clustered(4000)
+    old = torch.get_num_threads()
+    graphs = []
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            graphs.append(knn_graph(X, k=6, backend="torch", exact=False, nprobe=2, max_cell_probes=2))
+            assert torch.get_num_threads() == t
+    finally:
+        torch.set_num_threads(old)
+    assert graphs[0].info["cap_cut_requests"] > 0
+    np.testing.assert_array_equal(graphs[0].indices, graphs[1].indices)
+    np.testing.assert_array_equal(graphs[0].distances, graphs[1].distances)
+
+
+def test_numpy_finish_rows_and_split_knn_match_their_references():
+    """finish_rows_np == finish_rows (ties by index, self dropped, -1 last); the workers' faiss.knn
+    with the database split == one faiss.knn."""
+    import faiss
+
+    from cm_engine._knn_torch import _Workers
+    from cm_engine.knn import finish_rows, finish_rows_np
+
+    rng = np.random.default_rng(1)
+    rows = np.arange(40, 140)
+    ci = rng.integers(-1, 200, size=(100, 12))
+    ci[::7, 3] = rows[::7]  # the row itself among its candidates
+    cd = rng.integers(0, 5, size=(100, 12)).astype(np.float32) / 4  # many ties
+    want = finish_rows(rows, torch.from_numpy(ci), torch.from_numpy(cd), 6)
+    got = finish_rows_np(rows, ci, cd, 6)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
+    X = data(n=500, d=16)
+    with _Workers(3) as ex:
+        for mt in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
+            D, I = ex.knn(X[:50], X, 9, mt)
+            D0, I0 = faiss.knn(X[:50], X, 9, metric=mt)
+            np.testing.assert_allclose(D, D0, rtol=1e-5, atol=1e-5)
+            assert (np.sort(I, 1) == np.sort(I0, 1)).mean() > 0.99  # equal up to ties
+
+
 def test_bad_tuning_options():
     X = clustered(500)
     with pytest.raises(ValueError, match="target_recall"):
