@@ -320,55 +320,64 @@ def build_table(ind, dist, delta):
 
 
 @njit(cache=True, nogil=True)
-def table_mark_labeled(lab, off, nb, flag):
-    # flag[l] = 1 for labeled l, then 2 for every unlabeled table neighbour of a labeled point.
-    # Labeled points are random rows: prefetch their offsets 2D ahead, their lists D ahead.
+def compact_mark_labeled(lab, cid, off, nb, flag):
+    # In the table's compact ids (cid[pool index], -1 without near-copies): flag 1 for labeled
+    # points, then 2 for every unlabeled near-copy of a labeled point
+    # Labeled points are random rows: their compact ids (and, in a second pass, the ids'
+    # offsets and lists) are prefetched ahead, each level once the level above is in cache.
     m = lab.size
+    ids = np.empty(m, dtype=np.int64)
     for i in range(m):
-        flag[lab[i]] = 1
-    for i in range(m):
-        if i + 2 * D < m:
-            prefetch_row(off, lab[i + 2 * D])
         if i + D < m:
-            prefetch_row(nb, off[lab[i + D]])
-        a = lab[i]
-        for x in range(off[a], off[a + 1]):
+            prefetch_row(cid, lab[i + D])
+        ids[i] = cid[lab[i]]
+    for i in range(m):
+        if i + D < m and ids[i + D] >= 0:
+            prefetch_row(flag, ids[i + D])
+        c = ids[i]
+        if c >= 0:
+            flag[c] = 1
+    for i in range(m):
+        if i + 2 * D < m and ids[i + 2 * D] >= 0:
+            prefetch_row(off, ids[i + 2 * D])
+        if i + D < m and ids[i + D] >= 0:
+            prefetch_row(nb, off[ids[i + D]])
+        c = ids[i]
+        if c < 0:
+            continue
+        for x in range(off[c], off[c + 1]):
             j = nb[x]
             if flag[j] == 0:
                 flag[j] = 2
 
 
 @njit(cache=True, nogil=True)
-def table_chunk(cands, key, off, nb, flag, pf_rows, pf_nb):
-    # Decide every candidate of `cands` by the sequential greedy in (key, index) order, given
-    # flag: 0 undecided, 1 ineligible (labeled/excluded), 2 near a labeled point, 3 kept,
-    # 4 dropped. Every eligible point with a key below a candidate's must be a candidate of this
-    # or an earlier call (a prefix of the order; the earlier ones decided). kept(y) = flag 0 and
-    # no kept table neighbour with an earlier key; the table is symmetric, so y's own row lists
-    # every such neighbour. Earlier neighbours are decided first by a depth-first walk (edges
-    # point to strictly earlier keys: no cycle), O(candidates + their table edges), no sorting.
-    stack = np.empty(cands.size + 1, dtype=np.int64)
-    at = np.empty(cands.size + 1, dtype=np.int64)  # the next table entry to check, per stack level
-    # Prefetch (the reads are random otherwise): offsets 2D ahead and lists D ahead when the
-    # candidates are scattered (pf_rows; a dense ascending run streams by itself), the
-    # neighbours' keys and flags D/2 ahead when near-copies lie far apart in the pool (pf_nb).
-    m = cands.size
-    for t in range(m):
-        if pf_rows and t + 2 * D < m:
-            prefetch_row(off, cands[t + 2 * D])
-            prefetch_row(flag, cands[t + 2 * D])
-        if pf_rows and t + D < m:
-            prefetch_row(nb, off[cands[t + D]])
-        if pf_nb and t + D // 2 < m:
-            c = cands[t + D // 2]
-            for x in range(off[c], off[c + 1]):
-                prefetch_row(key, nb[x])
-                prefetch_row(flag, nb[x])
-        y0 = cands[t]
-        if flag[y0] != 0:
-            continue
-        if off[y0] == off[y0 + 1]:  # no near-copy at all: kept
-            flag[y0] = 3
+def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
+    # Decide the candidates `win` (pool indices, keys kw) by the sequential greedy in key order,
+    # ties by compact id (= pool index order inside a component, and near-copies share one).
+    # flag (compact): 0 undecided, 1 labeled/excluded, 2 near a labeled point, 3 kept, 4 dropped;
+    # key (compact): the keys of every candidate so far, +inf elsewhere. Every eligible point with
+    # a key below a candidate's must be a candidate of this or an earlier call (decided then).
+    # kept(y) = flag 0 and no kept near-copy with an earlier key; the table is symmetric, so
+    # y's own list holds every such neighbour: a depth-first walk decides earlier neighbours
+    # first (edges point to strictly earlier keys: no cycle), O(candidates + near edges).
+    # Walk starts: every compact id in order (scan: large chunks; sequential memory, and the
+    # near-copies of a component lie next to each other), else the chunk's own ids.
+    for p in range(win.size):
+        c = cid[win[p]]
+        if c >= 0:
+            key[c] = kw[p]
+    stack = np.empty(win.size + 1, dtype=np.int64)
+    at = np.empty(win.size + 1, dtype=np.int64)  # the next list entry to check, per level
+    n_start = flag.size if scan else win.size
+    for t in range(n_start):
+        if scan:
+            y0 = t
+        else:
+            y0 = cid[win[t]]
+            if y0 < 0:
+                continue
+        if flag[y0] != 0 or not key[y0] < np.inf:
             continue
         stack[0] = y0
         at[0] = off[y0]
@@ -398,3 +407,17 @@ def table_chunk(cands, key, off, nb, flag, pf_rows, pf_nb):
                 continue
             flag[y] = 4 if x < end else 3
             sp -= 1
+
+
+@njit(cache=True, nogil=True)
+def compact_survivors(win, cid, flag):
+    # bool per candidate: no near-copy at all, or kept
+    out = np.empty(win.size, dtype=np.bool_)
+    for p in range(win.size):
+        if p + D < win.size:
+            c = cid[win[p + D]]
+            if c >= 0:
+                prefetch_row(flag, c)
+        c = cid[win[p]]
+        out[p] = c < 0 or flag[c] == 3
+    return out

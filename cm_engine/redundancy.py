@@ -209,12 +209,7 @@ class NearCopies:
         self.offsets = offsets.astype(np.int64, copy=False)
         self.neighbours = neighbours.astype(np.int32 if n < 2**31 else np.int64, copy=False)
         self.delta = check_float("delta", delta, min=0.0)
-        # near-copies mostly within 64 rows of each other (e.g. copies stored next to each other):
-        # the filter kernel then skips prefetching their keys (a strided sample decides; speed only)
-        smp = self.neighbours[:: max(1, self.neighbours.size // 4096)]
-        rows = np.searchsorted(self.offsets, np.arange(0, self.neighbours.size, max(1, self.neighbours.size // 4096)),
-                               side="right") - 1
-        self.local = bool(smp.size and np.mean(np.abs(smp.astype(np.int64) - rows) < 64) >= 0.5)
+        self._cmp = None
 
     @classmethod
     def from_graph(cls, graph, delta=None, *, seed: int = 0) -> "NearCopies":
@@ -234,6 +229,7 @@ class NearCopies:
         else:
             off, nb = _table_numpy(ind, dist, dk)
         t = cls(off, nb, delta)
+        t._compact()  # part of the one-time build: every cycle walks the compact form
         log.info("NearCopies: %d near pairs over %d points (delta=%.4g)", t.neighbours.size // 2, n, delta)
         return t
 
@@ -264,6 +260,33 @@ class NearCopies:
         # positions lo[r] .. hi[r] - 1 for each row, without a Python loop
         pos = np.arange(tot, dtype=np.int64) + np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
         return src, self.neighbours[pos].astype(np.int64)
+
+    def _compact(self):
+        """(cid int32/int64 [N], offsets int64 [M + 1], neighbours [E]): the table over its M points
+        with near-copies, renumbered so that each connected group of near-copies takes consecutive
+        ids (in pool index order inside a group; cid = -1 for points without near-copies). The
+        filter kernel walks groups in id order: its reads stay inside a group's few cache lines
+        wherever the copies lie in the pool. Built once, on first use."""
+        if self._cmp is None:
+            import scipy.sparse as sp
+            from scipy.sparse.csgraph import connected_components
+
+            n = self.n
+            deg = np.diff(self.offsets)
+            nodes = np.flatnonzero(deg > 0)
+            it = self.neighbours.dtype
+            if nodes.size:
+                g = sp.csr_matrix((np.ones(self.neighbours.size, dtype=np.int8), self.neighbours, self.offsets),
+                                  shape=(n, n))
+                comp = connected_components(g, directed=False)[1]
+                nodes = nodes[np.argsort(comp[nodes], kind="stable")]  # by group, pool order inside
+            cid = np.full(n, -1, dtype=it)
+            cid[nodes] = np.arange(nodes.size, dtype=it)
+            off = np.zeros(nodes.size + 1, dtype=np.int64)
+            np.cumsum(deg[nodes], out=off[1:])
+            nb = cid[self.pairs(nodes)[1]]
+            self._cmp = (cid, off, nb)
+        return self._cmp
 
     def _check_delta(self, delta) -> float:
         if delta is None:
@@ -323,9 +346,10 @@ def _make_filter(src, delta, lab, *, work, key_full=None):
 class _TableFilter:
     """`_Filter` over a NearCopies table: same interface and answers.
 
-    numba: one byte of state per pool point (0 undecided, 1 labeled, 2 near a labeled point, 3
-    kept, 4 dropped); `extend` decides the new chunk by `table_chunk`, comparing keys in
-    `key_full` (the candidates' own keys, e.g. the scores, or positions with +inf elsewhere).
+    numba: one byte of state and one key per point with near-copies, in the table's compact ids
+    (`NearCopies._compact`; 0 undecided, 1 labeled, 2 near a labeled point, 3 kept, 4 dropped);
+    `extend` decides the new chunk by `compact_chunk` with the candidates' keys (`key`, or
+    `key_full[win]`); a candidate without near-copies survives unless labeled.
     numpy: the rounds of `_filter_numpy` over the whole window, as `_Filter`."""
 
     def __init__(self, table, lab, *, work: int, key_full=None, kernel: str = "auto"):
@@ -336,39 +360,51 @@ class _TableFilter:
         self.kernel = kernel
         self.wins, self.keys = [], []
         self.key_full = key_full
+        self.lab = None if lab is None or lab.size == 0 else np.unique(lab) if kernel == "numpy" else lab
         if kernel == "numpy":
-            self.lab = None if lab is None or lab.size == 0 else np.unique(lab)
             return
         self.K = _numba_kernels()
-        self.flag = np.zeros(table.n, dtype=np.uint8)
-        if nlab:
-            self.K["table_mark_labeled"](np.ascontiguousarray(lab, dtype=np.int64), table.offsets,
-                                         table.neighbours, self.flag)
+        self.cid, self.off, self.nb = table._compact()
+        self.flag = np.zeros(self.off.size - 1, dtype=np.uint8)
+        self.key = None
+        if self.lab is not None:
+            self.K["compact_mark_labeled"](np.ascontiguousarray(self.lab, dtype=np.int64), self.cid, self.off, self.nb,
+                                           self.flag)
+
+    def pool_flag(self, rows) -> np.ndarray:
+        """uint8 flags (as `_Filter.flag`) of the given pool points; numba kernel only."""
+        c = self.cid[rows]
+        out = np.zeros(c.size, dtype=np.uint8)
+        out[c >= 0] = self.flag[c[c >= 0]]
+        return out
 
     def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
         win = np.ascontiguousarray(win, dtype=np.int64)
         self.wins.append(win)
-        if self.kernel == "numpy":  # (numba reads the keys from key_full, along near edges only)
-            self.keys.append(self.key_full[win] if key is None else np.asarray(key))
+        kw = self.key_full[win] if key is None else np.asarray(key)
         allw = win if len(self.wins) == 1 else np.concatenate(self.wins)
         if self.kernel == "numpy":
+            self.keys.append(kw)
             allk = np.concatenate(self.keys)
             srt = np.lexsort((allw, allk))
             kept, _ = _filter_numpy(allw[srt], self.t.pairs, self.t.n, self.lab)
             out = np.zeros(self.t.n, dtype=np.bool_)
             out[kept] = True
             return out[allw]
-        kf = self.key_full
-        if kf is None:
-            if len(self.wins) > 1:
-                raise RuntimeError("_TableFilter: key_full is needed for more than one extend")
-            kf = np.full(self.t.n, np.inf)
-            kf[win] = np.asarray(key, dtype=np.float64)
-        # prefetch rows unless the chunk is a dense ascending run (a prefix of the score order
-        # over a quarter of the pool or more); neighbours unless the table is local (NearCopies)
-        dense = self.key_full is not None and win.size * 4 >= self.t.n
-        self.K["table_chunk"](win, kf, self.t.offsets, self.t.neighbours, self.flag, not dense, not self.t.local)
-        return self.flag[allw] == 3
+        if self.key is None:
+            self.key = np.full(self.flag.size, np.inf, dtype=kw.dtype if kw.dtype.kind == "f" else np.float64)
+        # scan every compact id when the chunk covers a good share of them (sequential reads)
+        scan = win.size * SCAN_RATIO >= self.flag.size
+        self.K["compact_chunk"](win, kw.astype(self.key.dtype, copy=False), self.cid, self.off, self.nb, self.flag,
+                                self.key, scan)
+        out = self.K["compact_survivors"](allw, self.cid, self.flag)
+        if self.lab is not None and self.key_full is None:  # a labeled candidate without near-copies
+            out &= ~np.isin(allw, self.lab)
+        return out
+
+
+#: compact_chunk scans all points with near-copies when a chunk holds at least 1/SCAN_RATIO of them
+SCAN_RATIO = 8
 
 
 def near_duplicate_filter(order, graph, *, delta=None, labeled=None) -> np.ndarray:
@@ -482,7 +518,8 @@ def _build_numba_kernels() -> dict:
 
     return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range,
             "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform,
-            "build_table": K.build_table, "table_mark_labeled": K.table_mark_labeled, "table_chunk": K.table_chunk}
+            "build_table": K.build_table, "compact_mark_labeled": K.compact_mark_labeled,
+            "compact_chunk": K.compact_chunk, "compact_survivors": K.compact_survivors}
 
 
 def _filter_numpy(order, pairs, n, lab):
@@ -617,7 +654,7 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl):
     of eligible points already near a labeled one. When too few survive, the window grows by the
     observed keep rate (times WINDOW_MARGIN) the same way; the surplus of the last window is trimmed
     by score. src: a NearCopies, or the (indices, distances) of a graph (`_source`)."""
-    from .strategies import _lowest_positions, lowest_k
+    from .strategies import lowest_k
 
     n = s.size
     elig = None
@@ -644,7 +681,9 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl):
     else:
         samp = sample()
         target = min(WINDOW_MARGIN * want, n_elig)
-        flag = getattr(f, "flag", None)  # the numba kernels' marks: 2 = near a labeled point
+        # the numba kernels' marks (2 = near a labeled point) estimate the keep rate
+        flag = None if getattr(f, "flag", None) is None else f.pool_flag if isinstance(f, _TableFilter) else \
+            (lambda rows: f.flag[rows])
         if flag is not None and pick.size and target < n_elig:
             for _ in range(2):  # the keep rate depends on the window: refine it once
                 rate = _keep_rate(src, s, flag, pick[s[pick] <= samp[min(int(target / n_elig * samp.size),
@@ -684,7 +723,7 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl):
         # ties go to the lower index)
         head = win[:n_win][keep[:n_win]]
         last = win[n_win:][keep[n_win:]]
-        last = last[_lowest_positions(s[last], want - head.size)]
+        last = _lowest_ascending(last, s, want - head.size)
         surv = np.concatenate([head, last])
     if len(f.wins) > 1:  # one chunk and its survivors are ascending already
         if surv.size * 64 > n:  # a mask pass over N beats sorting many survivors
@@ -696,22 +735,38 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl):
     return surv, win.size
 
 
+def _lowest_ascending(idx, s, k):
+    """The k entries of `idx` (ascending pool indices) with the lowest (s, index) keys, ascending:
+    `idx[_lowest_positions(s[idx], k)]` without its final sort (a partition finds the k-th value)."""
+    if k >= idx.size:
+        return idx
+    if k <= 0:
+        return idx[:0]
+    v = s[idx]
+    t = np.partition(v, k - 1)[k - 1]
+    take = v < t
+    eq = np.flatnonzero(v == t)[: k - int(np.count_nonzero(take))]  # ties: the lowest indices
+    take[eq] = True
+    return idx[take]
+
+
 def _keep_rate(src, s, flag, y):
     """Estimated fraction of a window's eligible points that survive the filter, from the sampled
     ones `y` in it: those not near a labeled point (flag 0), times, with a NearCopies, the chance q
     of having no kept earlier neighbour in the window: q = mean((1 - q) ** c) over the sampled
     unblocked points, c = their unblocked neighbours with lower keys (each taken as kept with
-    chance q). Only sizes windows: never decides what is picked."""
+    chance q). `flag(rows)`: the filter's marks of pool points (0 free, 1 labeled, 2 near a
+    labeled one). Only sizes windows: never decides what is picked."""
     if y.size == 0:
         return 1.0
-    free = flag[y] == 0
+    free = flag(y) == 0
     rate = float(free.mean())
     y = y[free]
     if not isinstance(src, NearCopies) or y.size == 0:
         return rate
     cnt = src.offsets[y + 1] - src.offsets[y]
     a, u = src.pairs(y)
-    earlier = (flag[u] == 0) & ((s[u] < s[a]) | ((s[u] == s[a]) & (u < a)))
+    earlier = (flag(u) == 0) & ((s[u] < s[a]) | ((s[u] == s[a]) & (u < a)))
     c = np.bincount(np.repeat(np.arange(y.size), cnt)[earlier], minlength=y.size)
     h = np.bincount(c) / y.size  # the fixed point needs only the distribution of c
     if h.size == 1:

@@ -51,11 +51,21 @@ def hard_graph(trial, rng):
 
 
 def test_table_build_matches_reference(kernel):
-    for trial in range(30):
+    for trial in range(14):
         rng = np.random.default_rng(3000 + trial)
         ind, dist, delta = hard_graph(trial, rng)
         t = NearCopies.from_graph((ind, dist), delta=delta)
         near = prefix_near_sets(ind, dist, delta)
+        # the compact form: groups of near-copies on consecutive ids, pool order inside a group
+        cid, coff, cnb = t._compact()
+        has = np.flatnonzero(t.degree() > 0)
+        assert sorted(cid[has].tolist()) == list(range(has.size)) and (cid[t.degree() == 0] == -1).all()
+        node = np.empty(has.size, np.int64)
+        node[cid[has]] = has
+        for c in range(has.size):
+            assert sorted(node[cnb[coff[c]:coff[c + 1]]].tolist()) == sorted(near[node[c]])
+            for j in cnb[coff[c]:coff[c + 1]]:  # ids order near-copies as pool indices do
+                assert (j < c) == (node[j] < node[c])
         assert t.n == ind.shape[0] and t.delta == delta
         assert t.offsets.dtype == np.int64 and t.neighbours.dtype == np.int32
         for i in range(t.n):
@@ -81,21 +91,19 @@ def test_table_builds_agree():
         np.testing.assert_array_equal(a[1], b[1])
 
 
-def tables(ind, dist, delta, monkeypatch_local):
-    """The table, with the kernel's prefetch switches (speed only) both ways."""
-    t = NearCopies.from_graph((ind, dist), delta=delta)
-    if monkeypatch_local is not None:
-        t.local = monkeypatch_local
-    return t
+@pytest.fixture(params=["scan", "chunk"])
+def walk(request, monkeypatch):
+    """The chunk kernel's walk starts: every compact id in order, or the chunk's own ids."""
+    monkeypatch.setattr(R, "SCAN_RATIO", 10**12 if request.param == "scan" else 0)
+    return request.param
 
 
-@pytest.mark.parametrize("local", [False, True])
-def test_table_filter_equals_graph_and_loop(kernel, local):
+def test_table_filter_equals_graph_and_loop(kernel, walk):
     for trial in range(40):
         rng = np.random.default_rng(1000 + trial)
         ind, dist, delta = hard_graph(trial, rng)
         n = ind.shape[0]
-        t = tables(ind, dist, delta, local)
+        t = NearCopies.from_graph((ind, dist), delta=delta)
         order = rng.permutation(n)[: int(rng.integers(0, n + 1))]
         labeled = None if trial % 2 else rng.choice(n, int(rng.integers(0, n // 3 + 1)), replace=True)
         want = greedy_reference(order, ind, dist, delta, labeled)
@@ -110,13 +118,13 @@ def test_table_filter_equals_graph_and_loop(kernel, local):
 
 @pytest.mark.parametrize("score_dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("start", [None, "tiny"])
-def test_table_window_growth_equals_loop(kernel, score_dtype, start, monkeypatch):
+def test_table_window_growth_equals_loop(kernel, walk, score_dtype, start, monkeypatch):
     # tiny first windows and coarse samples force many extensions; rounded scores force key ties
-    for trial in range(30):
+    for trial in range(16):
         rng = np.random.default_rng(2000 + trial)
         ind, dist, delta = hard_graph(trial, rng)
         n = ind.shape[0]
-        t = tables(ind, dist, delta, bool(trial % 2))
+        t = NearCopies.from_graph((ind, dist), delta=delta)
         s = rng.random(n).astype(score_dtype)
         if trial % 3 == 1:
             s = np.round(s * 5) / 5
