@@ -24,7 +24,7 @@ _EXPORTS = {
     "random_select": "baselines", "uncertainty_select": "baselines", "coreset_select": "baselines",
     "badge_select": "baselines", "partitioned": "baselines",
     "near_duplicate_filter": "redundancy", "redundancy_report": "redundancy", "auto_delta": "redundancy",
-    "filtered_margin": "redundancy", "filtered_cluster_margin": "redundancy",
+    "filtered_margin": "redundancy", "filtered_cluster_margin": "redundancy", "NearCopies": "redundancy",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
