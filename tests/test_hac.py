@@ -454,3 +454,25 @@ def test_ari_text_floor():
     assert adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))) > 0.95
     m = hac_merges((idx, dist), device="cpu")  # graph only: "constant"
     assert adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))) > 0.3
+
+
+def test_sort_groups_matches_numpy_unique_and_keeps_order():
+    from cm_engine import _hac_kernels as K
+
+    rng = np.random.default_rng(3)
+    for e in (0, 1, 7, 5000):
+        key = rng.integers(0, max(1, e // 3), e).astype(np.int64)
+        uniq, perm, inv = K.sort_groups(torch.from_numpy(key))
+        ref_u, ref_inv = np.unique(key, return_inverse=True)
+        np.testing.assert_array_equal(uniq.numpy(), ref_u)
+        np.testing.assert_array_equal(key[perm.numpy()], ref_u[inv.numpy()])
+        # Stable: within a group, the original positions stay increasing.
+        p, g = perm.numpy(), inv.numpy()
+        assert np.all((np.diff(g) > 0) | (np.diff(p) > 0))
+        # symmetrize: the mean distance of each key's copies, keys unique and sorted.
+        dist = rng.random(e).astype(np.float32)
+        ku, d = K.symmetrize([torch.from_numpy(key), torch.from_numpy(dist)], 10**9)
+        np.testing.assert_array_equal(ku.numpy(), ref_u)
+        want = np.bincount(ref_inv.ravel(), weights=dist.astype(np.float64), minlength=ref_u.size) / \
+            np.maximum(1, np.bincount(ref_inv.ravel(), minlength=ref_u.size))
+        np.testing.assert_allclose(d.numpy(), want, rtol=1e-12)
