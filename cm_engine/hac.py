@@ -230,14 +230,13 @@ def _unit_rows(embeddings, n, device, budget):
         raise ValueError(f"embeddings: expected shape [{n}, d] (one row per graph node), got {pool.shape}")
     wide = pool.dtype in (np.float64, torch.float64)
     F = torch.empty((n, pool.shape[1]), dtype=torch.float64 if wide else torch.float32, device=device)
-    blk = max(1, _budget(budget) // max(1, 16 * pool.shape[1]))
-    for s in range(0, n, blk):
-        x = pool.block(s, min(n, s + blk), device=device, dtype=torch.float64)
+    # release: F holds the rows once a block is copied, so the mapped pages need not stay resident.
+    for s, e, x in pool.iter_blocks(budget, device=device, dtype=torch.float64, bytes_per_row=16 * pool.shape[1],
+                                    release=True):
         if not bool(torch.isfinite(x).all()):
             raise ValueError("embeddings: expected finite values, got non-finite entries")
         # A zero row stays zero: at cosine distance 1 from everything (cos taken as 0).
-        F[s:s + x.shape[0]] = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(F.dtype)
-        pool.release(s, s + x.shape[0])  # F holds the rows now: the mapped pages need not stay resident
+        F[s:e] = (x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)).to(F.dtype)
     return F
 
 

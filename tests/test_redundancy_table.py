@@ -9,14 +9,7 @@ import cm_engine.redundancy as R
 from cm_engine.redundancy import (NearCopies, filtered_cluster_margin, filtered_margin, near_duplicate_filter,
                                   redundancy_report)
 from test_redundancy import greedy_reference, random_graph
-
-
-@pytest.fixture(params=["numba", "numpy"])
-def kernel(request, monkeypatch):
-    if request.param == "numba" and not R.HAVE_NUMBA:
-        pytest.skip("numba not installed")
-    monkeypatch.setattr(R, "NUMBA_MIN_WORK", 0 if request.param == "numba" else 10**12)
-    return request.param
+from test_redundancy import kernel  # noqa: F401  (the fixture: numba and numpy kernels, as in test_redundancy)
 
 
 def prefix_near_sets(ind, dist, delta):
