@@ -22,7 +22,11 @@ neighbours with distances, so near-copies are graph edges shorter than a thresho
 * `redundancy_report(picked, graph, delta=, labeled=)`: fractions of a batch that are near-copies
   of labeled points, of co-picked points, and that the filter would drop.
 * `filtered_margin` / `filtered_cluster_margin`: margin selection and Cluster-Margin with the
-  filter applied to the margin-ordered candidates (before the round-robin).
+  filter applied to the margin-ordered candidates (before the round-robin). When fewer than the
+  budget survive (on redundant pools every copy group soon has a labeled member), the budget is
+  filled in tiers: first the same greedy filter over the remaining points that drops only
+  near-copies of this batch's picks (copies of labeled points allowed: one pick per copy group at
+  most), then plain margin order. (Cluster-Margin sends the second tier through its round-robin.)
 
 The auto-delta rule. Take the log of the graph's edge distances (a seeded sample of at most 65,536
 rows, every listed neighbour). Near-duplicates make that distribution bimodal: a mode of copy edges
@@ -640,10 +644,12 @@ EXTEND_SAMPLE = 16_384
 WINDOW_MARGIN = 1.25
 
 
-def _filtered_candidates(s, src, want, start=None, *, delta, excl):
+def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
     """The `want` lowest eligible points in (score, index) order that survive the greedy filter
     walked in that order (all survivors when fewer), int64 pool indices ascending by index; and the
-    number of candidates examined.
+    number of candidates examined. Eligible: not in `excl` (unique indices or None). The filter's
+    labeled set (near-copies of it are dropped): `block` when given (a subset of excl: the fill's
+    second tier blocks only the batch's own picks), else excl.
 
     The filter is prefix-consistent (the greedy on a prefix of the order is a prefix of the
     greedy), so any prefix of the order with `want` survivors gives the answer, and the order
@@ -665,7 +671,8 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl):
         n_elig = n - excl.size  # excl is unique
     if n_elig == 0 or want == 0:
         return np.zeros(0, dtype=np.int64), 0
-    f = _make_filter(src, delta, excl, work=min(want, n_elig), key_full=s)
+    lab = excl if block is None else block
+    f = _make_filter(src, delta, lab, work=min(want, n_elig), key_full=s)
     samp = None
 
     step = max(1, n // EXTEND_SAMPLE)
@@ -803,8 +810,9 @@ def _check_exclude(exclude, n):
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
     """Margin selection without near-copies: the `budget` lowest-score points of the greedy filter
     (lowest margin first; a point within delta of an excluded/labeled point or of an earlier pick
-    is skipped). Returns int64 [min(budget, eligible)] pool indices: the survivors in ascending
-    score order, then, if fewer than `budget` survive, the lowest-score remaining near-copies."""
+    is skipped). Returns int64 [min(budget, eligible)] pool indices, each tier in ascending score
+    order: the survivors; if fewer than `budget` survive, the fill (`_second_tier`: survivors of the
+    filter against this batch's picks only, then plain score order)."""
     from .strategies import as_scores
 
     s = as_scores("scores", scores)
@@ -817,12 +825,30 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
         return np.zeros(0, dtype=np.int64)
     kept, _ = _filtered_candidates(s, src, budget, delta=delta, excl=excl)
     kept = kept[np.argsort(s[kept], kind="stable")]  # ascending index -> by (score, index)
+    if kept.size < budget:
+        more, _ = _second_tier(s, src, budget - kept.size, kept, excl, delta)
+        kept = np.concatenate([kept, more[np.argsort(s[more], kind="stable")]])
     return _fill(kept, s, budget, excl)
 
 
+def _second_tier(s, src, want, picked, excl, delta):
+    """The fill's second tier, when fewer than the budget survive the filter (typically every copy
+    group already has a labeled member): the greedy filter again over the eligible points not yet
+    picked, in (score, index) order, now dropping only near-copies of this batch's picks `picked`
+    (and of its own earlier survivors); near-copies of labeled points are allowed. So a batch never
+    spends two labels on one copy group while a group without a pick is left. Returns
+    `_filtered_candidates`' (survivors ascending by index, examined); `want` survivors at most."""
+    excl2 = picked if excl is None or excl.size == 0 else np.concatenate([excl, picked])
+    kept, m = _filtered_candidates(s, src, want, delta=delta, excl=excl2, block=picked)
+    log.info("near-duplicate filter: %d picks survive against labeled points; second tier (against this batch "
+             "only): %d more of %d wanted", picked.size, kept.size, want)
+    return kept, m
+
+
 def _fill(picked, s, budget, excl):
-    """When fewer than `budget` points survive the filter (every remaining point is a near-copy),
-    the budget is still spent: the lowest-score eligible points not yet picked are appended."""
+    """The last tier, when fewer than `budget` points survive both filter tiers (every remaining
+    point is a near-copy of this batch's picks): the budget is still spent on the lowest-score
+    eligible points not yet picked, appended."""
     if picked.size >= budget:
         return picked
     mask = np.ones(s.size, dtype=np.bool_)
@@ -830,8 +856,8 @@ def _fill(picked, s, budget, excl):
         mask[excl] = False
     mask[picked] = False
     rest = _sorted_candidates(s, mask, budget - picked.size)
-    log.info("near-duplicate filter: %d survivors for a budget of %d; %d near-copies appended in score order",
-             picked.size, budget, rest.size)
+    log.info("near-duplicate filter: %d picks after both tiers for a budget of %d; %d near-copies appended in "
+             "score order", picked.size, budget, rest.size)
     return np.concatenate([picked, rest])
 
 
@@ -840,8 +866,13 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     """Cluster-Margin over filtered candidates: the k_m = round(km_ratio * budget) lowest-margin
     eligible points that survive `near_duplicate_filter` (in margin order, against `exclude` as the
     labeled set), then the round-robin over their clusters (`order`, `label_aware` as in
-    `cluster_margin`). Returns int64 [min(budget, eligible)] pool indices in visiting order; if
-    fewer than `budget` survive, the lowest-score remaining near-copies are appended."""
+    `cluster_margin`). Returns int64 [min(budget, eligible)] pool indices in visiting order.
+
+    If fewer than `budget` survive (all are then picked), the shortfall b' is filled in tiers: the
+    second tier (`_second_tier`: the filter against this batch's picks only, copies of labeled
+    points allowed) yields round(km_ratio * b') candidates, and the same round-robin (same `order`;
+    `label_aware` counts this batch's picks as labeled) visits them, so the fill keeps Cluster-
+    Margin's spread over clusters; then, if still short, the lowest-score remaining points."""
     from .sampler import ORDERS, _round_robin, as_generator
     from .strategies import as_scores
     from ._validate import as_labels
@@ -864,4 +895,10 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     kept, _ = _filtered_candidates(s, src, km, delta=delta, excl=excl)
     lab = excl if (label_aware and excl is not None) else None
     picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
+    short = budget - picked.size
+    if short > 0:  # every survivor is picked: the second tier, the same Cluster-Margin step over it
+        more, _ = _second_tier(s, src, int(round(km_ratio * short)), picked, excl, delta)
+        if label_aware:  # this batch's picks count as labeled too
+            lab = picked if excl is None else np.concatenate([excl, picked])
+        picked = np.concatenate([picked, _round_robin(more, labels, short, rng, order=order, labeled=lab)])
     return _fill(picked, s, budget, excl)
