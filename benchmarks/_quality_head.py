@@ -22,6 +22,10 @@ def standardizer(X_pool: np.ndarray):
 def train(X: torch.Tensor, y: np.ndarray, n_classes: int, *, lam=LAMBDA, max_iter=MAX_ITER):
     """Fit (W [d, C], b [C]) on standardized X [n, d] with labels y [n]."""
     torch.manual_seed(0)
+    # Near-separable fits drive softmax tail terms into subnormal floats, which CPUs process ~7x slower
+    # (1,830 x 128, 150 classes: 8.3 s -> 1.1 s per fit). Flushing them to zero left the fitted weights
+    # bit-identical in our check (max |dW| 0) and is checked again by the matrix rerun's accuracies.
+    torch.set_flush_denormal(True)
     d = X.shape[1]
     W = torch.zeros(d, n_classes, requires_grad=True)
     b = torch.zeros(n_classes, requires_grad=True)

@@ -18,6 +18,30 @@ SUMMARY_STRATEGIES = ("margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", 
                       "cm_10_largest_g4", "margin_filter", "cm_1.25_filter")
 
 
+#: The uniform matrix the README reports (every dataset x clean/redundant x 5% and 10% batches): result files
+#: with another protocol, another strategy set or fewer seeds (more is fine) are still tabled, but marked and
+#: left out of the target counts.
+MATRIX = {"n_pool": 3000, "rounds": 6, "seeds": 6,
+          "strategies": ("random", "margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", "cm_10", "exact_cm_10",
+                         "margin_filter", "cm_1.25_filter", "cm_10_largest_g4")}
+MATRIX_REDUNDANT_ONLY = ("cm_10_largest_g4",)
+
+
+def matrix_gap(r) -> str | None:
+    """None if result file `r` is a complete cell of MATRIX, else what it lacks (e.g. "3 of 5 seeds")."""
+    want = [s for s in MATRIX["strategies"] if r["variant"] == "redundant" or s not in MATRIX_REDUNDANT_ONLY]
+    gaps = []
+    if r["pool"]["n_pool"] != MATRIX["n_pool"] or r["protocol"]["rounds"] != MATRIX["rounds"]:
+        gaps.append(f"pool {r['pool']['n_pool']}, {r['protocol']['rounds']} rounds")
+    seeds = min((len(r["runs"][s]) for s in want if s in r["runs"]), default=0)
+    if seeds < MATRIX["seeds"]:
+        gaps.append(f"{seeds} of {MATRIX['seeds']} seeds")
+    missing = [s for s in want if s not in r["runs"]]
+    if missing:
+        gaps.append("no " + " ".join(missing))
+    return "; ".join(gaps) or None
+
+
 #: Table order of the strategies (the order of quality.STRATEGIES; merged runs may list them in any order).
 ORDER = ("random", "margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", "cm_10", "exact_cm_10", "cm_10_largest",
          "cm_10_random", "cm_10_labelaware", "cm_10_largest_g4", "cm_10_labelaware_g4", "margin_filter",
@@ -71,6 +95,44 @@ def _name(ds, var, bf):
     return f"{ds}/{var}/{round(100 * bf):g}%"
 
 
+def _mark(r):
+    """Pool-name suffix for a file outside the uniform matrix."""
+    gap = matrix_gap(r)
+    return "" if gap is None else f" (outside the matrix: {gap})"
+
+
+def _vs_margin_table(runs):
+    """Paired difference to margin ± its SE, per strategy, per pool (margin is the baseline to beat)."""
+    cols = [s for s in ORDER if s != "margin" and any(s in r["summary"] for r in runs.values())]
+    lines = ["### Gain over margin (points of mean accuracy over rounds, paired by seed, ± SE)", "",
+             "| pool | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for key, r in runs.items():
+        S = r["summary"]
+        cells = [_pdf(_pd(r, s, "margin")) if s in S and "margin" in S else "-" for s in cols]
+        lines.append(f"| {_name(*key)}{_mark(r)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _filter_source(r):
+    """Which cm_engine/redundancy.py the filter strategies of result `r` ran with (None if not recorded)."""
+    sp = r.get("strategy_pool", {}).get("margin_filter", r["pool"])
+    if "redundancy_source_sha" not in sp:
+        return None
+    return {k: sp[k] for k in ("redundancy_commit", "redundancy_source_sha", "redundancy_modified")}
+
+
+def _mean_table(runs):
+    """Mean accuracy over rounds ± SE over seeds, per strategy, per pool (the absolute numbers)."""
+    cols = [s for s in ORDER if any(s in r["summary"] for r in runs.values())]
+    lines = ["### Mean accuracy over rounds ± SE over seeds (%)", "",
+             "| pool | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for key, r in runs.items():
+        S = r["summary"]
+        cells = ["-" if s not in S else f"{100 * S[s]['mean_acc']:.2f} ± {100 * S[s]['se']:.2f}" for s in cols]
+        lines.append(f"| {_name(*key)}{_mark(r)} | {r['protocol']['seeds']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _pool_table(key, r):
     ds, var, bf = key
     S, p, pr = r["summary"], r["pool"], r["protocol"]
@@ -79,7 +141,12 @@ def _pool_table(key, r):
              f"Pool {p['n_pool']} x {p['dim']} (PCA), test {p['n_test']}, {p['n_classes']} classes; seed set "
              f"{pr['seed_set']}, batch {pr['budget']}, {pr['rounds']} rounds, {pr['seeds']} seeds. "
              f"ARI(engine HAC, exact HAC) at mean size 10: {p['ari_engine_vs_exact']:.3f}; auto delta "
-             f"{p['delta']:.4g}. Plot: `benchmarks/results/quality_{ds}_{var}{_suffix(bf)}.png`.", "",
+             f"{p['delta']:.4g}. Plot: `benchmarks/results/quality_{ds}_{var}{_suffix(bf)}.png`."
+             + ("" if _filter_source(r) is None else " Filter strategies ran with cm_engine/redundancy.py of "
+                f"commit {_filter_source(r)['redundancy_commit']} (source hash "
+                f"{_filter_source(r)['redundancy_source_sha']}"
+                + (", modified in the working tree" if _filter_source(r)["redundancy_modified"] else "") + ")."),
+             "",
              "| strategy | mean acc over rounds ± SE | vs random (paired) | vs margin (paired) | final acc | "
              "labels to random's final | label savings | select s/round | picks near labeled | picks near "
              "co-picked |" + (" true copies of labeled | true copies in batch |" if red else ""),
@@ -98,9 +165,11 @@ def _pool_table(key, r):
 
 
 def _targets_5(runs):
-    rows, n_ok, n_ok_pair, n_not_worse, n = [], 0, 0, 0, 0
+    rows, n_ok, n_ok_pair, n_not_worse, n, n_out = [], 0, 0, 0, 0, 0
+    counts = {}  # (a) / (b) / one-sided outcomes of the in-matrix comparisons, by direction
     for (ds, var, bf), r in runs.items():
         S = r["summary"]
+        inside = matrix_gap(r) is None
         for km in ("1.25", "10"):
             a, b = S.get(f"cm_{km}"), S.get(f"exact_cm_{km}")
             if not (a and b):
@@ -109,15 +178,22 @@ def _targets_5(runs):
             pdiff = _pd(r, f"cm_{km}", f"exact_cm_{km}")
             within = abs(diff) <= b["se"]
             pair_within = pdiff is not None and abs(pdiff[0]) <= pdiff[1]
-            n, n_ok, n_ok_pair = n + 1, n_ok + within, n_ok_pair + pair_within
-            n_not_worse += bool(pdiff[0] >= -pdiff[1])
+            if not inside:
+                n_out += 1
+            else:
+                n, n_ok, n_ok_pair = n + 1, n_ok + within, n_ok_pair + pair_within
+                n_not_worse += bool(pdiff[0] >= -pdiff[1])
+                for miss, k in ((not within, "a_better" if diff > 0 else "a_worse"),
+                                (not pair_within, "b_better" if pdiff[0] > 0 else "b_worse")):
+                    counts[k] = counts.get(k, 0) + miss
             if pdiff[2] < 2:
                 verdict = "1 seed: no SE"
             else:
                 verdict = "tie" if pair_within else ("engine better" if pdiff[0] > 0 else "engine worse")
             sp = r.get("strategy_pool", {}).get(f"cm_{km}", r["pool"])  # the clustering cm_{km} ran with
             hac = f"{sp.get('ari_engine_vs_exact', float('nan')):.2f} ({sp.get('hac_source_sha', 'before hashes')})"
-            rows.append(f"| {_name(ds, var, bf)} | {km} | {100 * a['mean_acc']:.2f} ± {100 * a['se']:.2f} | "
+            rows.append(f"| {_name(ds, var, bf)}{'' if inside else ' (outside the matrix)'} | {km} | "
+                        f"{100 * a['mean_acc']:.2f} ± {100 * a['se']:.2f} | "
                         f"{100 * b['mean_acc']:.2f} ± {100 * b['se']:.2f} | {100 * diff:+.2f} | "
                         f"{'yes' if within else 'no'} | {_pdf(pdiff)} | {'yes' if pair_within else 'no'} | "
                         f"{verdict} | {pdiff[2]} | {hac} |")
@@ -129,8 +205,12 @@ def _targets_5(runs):
             "| pool | km_ratio | engine ± SE | exact ± SE | diff | (a) within exact's SE | paired diff ± SE | "
             "(b) within | verdict | seeds | ARI engine vs exact HAC (source hash) |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    tail = ["", f"(a) holds in {n_ok} of {n} settings; (b) in {n_ok_pair} of {n}; the engine is not worse than "
-                f"exact by more than one paired SE (one-sided: \"loses nothing\") in {n_not_worse} of {n}.", ""]
+    tail = ["", f"In the matrix: (a) holds in {n_ok} of {n} comparisons (misses: {counts.get('a_better', 0)} with the "
+                f"engine above exact, {counts.get('a_worse', 0)} below); (b) in {n_ok_pair} of {n} (misses: "
+                f"{counts.get('b_better', 0)} above, {counts.get('b_worse', 0)} below); the engine is not worse than "
+                f"exact by more than one paired SE (one-sided: \"loses nothing\") in {n_not_worse} of {n}."
+                + (f" {n_out} comparisons from files outside the matrix are listed but not counted." if n_out else ""),
+            ""]
     return head + rows + tail
 
 
@@ -148,11 +228,15 @@ def _targets_7(runs):
         cmf = S.get("cm_1.25_filter")
         pc = _pd(r, "cm_1.25_filter", "margin") if cmf else None
         pcr = _pd(r, "cm_1.25_filter", "random") if cmf else None
-        if var == "redundant":
+        inside = matrix_gap(r) is None
+        if not inside:
+            pass  # listed, not counted
+        elif var == "redundant":
             gains.setdefault(bf, []).append((ds, pm[0], pr_[0], pc and pc[0], pcr and pcr[0]))
         else:
             clean_worst.setdefault(bf, []).append((ds, pm[0], pc and pc[0]))
-        rows.append(f"| {_name(ds, var, bf)} | {100 * f['mean_acc']:.2f} | {_pdf(pm)} | {_pdf(pr_)} | "
+        rows.append(f"| {_name(ds, var, bf)}{'' if inside else ' (outside the matrix)'} | {100 * f['mean_acc']:.2f} | "
+                    f"{_pdf(pm)} | {_pdf(pr_)} | "
                     f"{_pdf(_pd(r, 'margin_filter', 'cm_1.25'))} | "
                     f"{'-' if best is None else best + ' ' + _pdf(_pd(r, 'margin_filter', best))} | "
                     f"{'-' if not cmf else format(100 * cmf['mean_acc'], '.2f')} | "
@@ -171,10 +255,12 @@ def _targets_7(runs):
                 continue
             ok = np.mean(vm) >= 0.015 and np.mean(vr) >= 0.015 and min(vm) >= 0 and min(vr) >= 0
             verdicts[(bf, nm, "redundant")] = ok
+            wm = min((x for x in g if x[j] is not None), key=lambda x: x[j])[0]
+            wr = min((x for x in g if x[j + 1] is not None), key=lambda x: x[j + 1])[0]
             lines.append(f"- Redundant pools, {100 * bf:g}% batches, {nm}: {100 * np.mean(vm):+.2f} points over "
                          f"margin and {100 * np.mean(vr):+.2f} over random averaged over {len(vm)} datasets; "
-                         f"lowest dataset {100 * min(vm):+.2f} / {100 * min(vr):+.2f} (target >= +1.5 over both "
-                         f"on average, none below either): **{'met' if ok else 'missed'}**.")
+                         f"lowest dataset {100 * min(vm):+.2f} ({wm}) / {100 * min(vr):+.2f} ({wr}) (target >= +1.5 "
+                         f"over both on average, none below either): **{'met' if ok else 'missed'}**.")
     for bf, g in clean_worst.items():
         for j, nm in ((1, "margin_filter"), (2, "cm_1.25_filter")):
             v = [(x[0], x[j]) for x in g if x[j] is not None]
@@ -202,7 +288,7 @@ def _summary_table(runs):
         for s in cols:
             p = _pd(r, s, "random") if s in S else None
             cells.append("-" if p is None else f"{100 * p[0]:+.1f}")
-        lines.append(f"| {_name(*key)} | {r['pool']['n_pool']} | {r['protocol']['seeds']} | "
+        lines.append(f"| {_name(*key)}{_mark(r)} | {r['pool']['n_pool']} | {r['protocol']['seeds']} | "
                      f"{100 * S['random']['mean_acc']:.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Label savings (fraction fewer labels than random needs to reach random's final accuracy; "
               "'-' = never reached within the rounds):", "", "| pool | " + " | ".join(cols) + " |",
@@ -263,7 +349,14 @@ def _summary_plot(runs, path):
 def write_report(results: Path, md_path: Path) -> None:
     runs = _load(results)
     lines = ["## Measured tables", ""]
+    gaps = {_name(*k): matrix_gap(r) for k, r in runs.items()}
+    lines += [f"Matrix: pools of {MATRIX['n_pool']:,}, {MATRIX['rounds']} rounds, {MATRIX['seeds']} seeds, strategies "
+              + ", ".join(MATRIX["strategies"]) + f" ({', '.join(MATRIX_REDUNDANT_ONLY)} on redundant pools only). "
+              + (f"Cells outside it: " + "; ".join(f"{k}: {v}" for k, v in gaps.items() if v) + "."
+                 if any(gaps.values()) else f"All {len(gaps)} cells are complete."), ""]
     lines += _summary_table(runs)
+    lines += _mean_table(runs)
+    lines += _vs_margin_table(runs)
     t5 = _targets_5(runs)
     t7, _ = _targets_7(runs)
     lines += t5 + t7
@@ -288,7 +381,9 @@ def write_report(results: Path, md_path: Path) -> None:
         S = r["summary"]
         summary[_name(*key)] = {
             "pool": r["pool"]["n_pool"], "budget": r["protocol"]["budget"], "seeds": r["protocol"]["seeds"],
-            "rounds": r["protocol"]["rounds"],
+            "rounds": r["protocol"]["rounds"], "in_matrix": matrix_gap(r) is None,
+            **({"outside_matrix": matrix_gap(r)} if matrix_gap(r) else {}),
+            "git_commit": r.get("git_commit"), "time_utc": r.get("time_utc"), "filter_source": _filter_source(r),
             "strategies": {s: {"mean_acc": d["mean_acc"], "se": d["se"], "final_acc": d["final_acc"],
                                "select_s": d["select_s"], "label_savings": d.get("label_savings"),
                                "paired_vs_random": _pd(r, s, "random") if s != "random" else None,

@@ -123,6 +123,30 @@ def _source_sha() -> str:
     return h.hexdigest()[:16]
 
 
+def _redundancy_source() -> dict:
+    """Which near-duplicate filter the filter strategies ran with: the hash of cm_engine/redundancy.py +
+    _redundancy_kernels.py as run, the last commit that touched them, and whether the (shared) working
+    tree had them modified."""
+    import hashlib
+    import subprocess
+
+    files = ("cm_engine/redundancy.py", "cm_engine/_redundancy_kernels.py")
+    h = hashlib.sha1()
+    for f in files:
+        h.update((HERE.parent / f).read_bytes())
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except Exception:  # pragma: no cover (no git)
+            return ""
+
+    return {"redundancy_source_sha": h.hexdigest()[:16],
+            "redundancy_commit": git("log", "-1", "--format=%h", "--", *files) or None,
+            "redundancy_modified": bool(git("status", "--porcelain", "--", *files))}
+
+
 def batch_suffix(batch_frac) -> str:
     """"" for the 10% batches (the historical file names), "_b5" for 5%, "_b<percent>" in general."""
     pct = round(100 * batch_frac, 6)
@@ -170,7 +194,7 @@ def prepare_pool(name, variant, args):
                 engine_fine_n_clusters=int(fine.n_clusters), exact_n_clusters=int(ex_labels.max()) + 1,
                 exact_epsilon=ex_eps, ari_engine_vs_exact=float(adjusted_rand_score(ex_labels, cl.labels)),
                 delta=float(delta), engine_labels_sha=_sha(cl.labels), engine_fine_labels_sha=_sha(fine.labels),
-                exact_labels_sha=_sha(ex_labels), hac_source_sha=_source_sha())
+                exact_labels_sha=_sha(ex_labels), hac_source_sha=_source_sha(), **_redundancy_source())
     if variant == "redundant":
         info["ari_engine_vs_copy_groups_g4"] = float(adjusted_rand_score(g, fine.labels))
         same = g[np.asarray(graph.indices)] == g[:, None]
@@ -355,7 +379,7 @@ def _write(name, variant, args, P, runs, strategies, seed_n, budget, batch_frac,
                         "seeds": min(len(v) for v in runs.values()), "seeds_planned": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
                         "dataset's embeddings (Fashion-MNIST: PCA-128 of pixels/255), fitted on unlabeled data",
                         "head": f"multinomial logistic regression, standardized features, L-BFGS max_iter "
-                        f"{H.MAX_ITER}, L2 {H.LAMBDA}", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
+                        f"{H.MAX_ITER}, L2 {H.LAMBDA}, subnormals flushed", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
            "pool": info, "strategies": {s: STRATEGIES[s] for s in strategies}, "runs": runs,
            "summary": summarize_runs(runs), "machine": machine_info(), "git_commit": git_commit(),
            "peak_rss_bytes": peak_rss_bytes(), "time_utc": utc_now(),
