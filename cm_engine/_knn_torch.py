@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._device import log_memory_estimate, rows_per_block
-from .knn import _prep, default_nlist, exact_distances, finish_rows, finish_rows_np, gather_rows
+from .knn import _prep, exact_distances, finish_rows, finish_rows_np, gather_rows
 
 log = logging.getLogger("cm_engine")
 
@@ -228,27 +228,186 @@ class _Workers(ThreadPoolExecutor):
         return list(self.map(lambda se: fn(x[se[0]:se[1]]), zip(b[:-1], b[1:])))
 
     def knn(self, xq: np.ndarray, xb: np.ndarray, k: int, metric) -> tuple[np.ndarray, np.ndarray]:
-        """faiss.knn (D, I) with the database split over the workers, the parts' top-k merged.
-        (Splitting the queries instead was ~5x slower with 2 workers, 1000 x 50K, busy host.)"""
+        """Exact top-k of few queries xq [m, d] against many rows xb [M, d] (float32), in
+        faiss.knn's convention (D: inner products descending for METRIC_INNER_PRODUCT, else
+        squared L2 ascending; I int64): the database split over the workers, each part by torch
+        matmul + topk in tiles, the parts merged. faiss.knn ran ~3x slower on this shape (1000
+        queries x 131K rows x 64, one thread each: 5.7 s against 1.8 s, same run): its BLAS
+        tiling suits many queries against few rows (the quantizer), not the reverse."""
         import faiss
 
         from .knn import _merge
 
-        b = np.linspace(0, xb.shape[0], min(self.n, max(1, xb.shape[0] // max(1, k))) + 1).astype(np.int64)
-        parts = list(self.map(lambda se: faiss.knn(xq, xb[se[0]:se[1]], min(k, int(se[1] - se[0])), metric=metric),
-                              zip(b[:-1], b[1:])))
         ip = metric == faiss.METRIC_INNER_PRODUCT
-        D, I = (-parts[0][0] if ip else parts[0][0]), parts[0][1]
-        for (Dp, Ip), s in zip(parts[1:], b[1:-1]):
-            D, I = _merge(D, I, -Dp if ip else Dp, Ip + s, k)
-        return (-D if ip else D), I
+        q = torch.from_numpy(xq)
+        tile = max(1024, (32 << 20) // (4 * max(1, xq.shape[0])))  # ~32 MiB of scores per tile
+
+        def part(se):
+            s, e = se
+            kk = min(k, int(e - s))
+            D = np.empty((xq.shape[0], 0), np.float32)
+            I = np.empty((xq.shape[0], 0), np.int64)
+            for ts in range(s, e, tile):
+                te = min(e, ts + tile)
+                xt = torch.from_numpy(xb[ts:te])
+                S = q @ xt.T
+                key = S.neg_() if ip else S.mul_(-2.0).add_(xt.pow(2).sum(1))
+                v, i = key.topk(min(kk, te - ts), dim=1, largest=False, sorted=False)
+                Dt, It = v.numpy(), i.numpy() + ts
+                D, I = (Dt, It) if D.shape[1] == 0 else _merge(D, I, Dt, It, kk)
+            return D, I
+
+        b = np.linspace(0, xb.shape[0], min(self.n, max(1, xb.shape[0] // max(1, k))) + 1).astype(np.int64)
+        parts = list(self.map(part, zip(b[:-1], b[1:])))
+        D, I = parts[0]
+        for Dp, Ip in parts[1:]:
+            D, I = _merge(D, I, Dp, Ip, k)
+        if ip:
+            return -D, I
+        return D + np.square(xq).sum(1, keepdims=True), I
 
 
 def grouped_nlist(n: int) -> int:
-    """Cells of the grouped search: about 4 sqrt(N) as for IVF, but none under ~256 points on
-    average, since a cell's queries form one matrix product and small ones waste it (at 50K:
-    195 cells took 18.5 s at recall 0.992 where 894 took 46.7 s at 0.985, same run)."""
-    return max(1, min(default_nlist(n), n // 256))
+    """Cells of the grouped search: ~256 points each at any N. A cell's queries form one matrix
+    product and small cells waste it (at 50K: 195 cells took 18.5 s at recall 0.992 where 894
+    took 46.7 s at 0.985, same run); larger cells make each row scan more candidates, so the
+    join's cost per row grows with the cell size (at 10M x 64 with 4 sqrt(N) = 12.6K cells of
+    790 points: 24K candidates per row against 5K at 1M). Past `_TWO_LEVEL_CELLS` cells the
+    centroids are trained and searched in two levels (`_Quantizer`) so that N / 256 cells
+    cost O(N sqrt(nlist) d), not O(N nlist d)."""
+    return max(1, n // 256)
+
+
+#: Cells from which on centroids are trained and searched in two levels: one k-means over all
+#: cells and an exhaustive assignment cost O(N nlist d), quadratic in N at a fixed cell size
+#: (10M x 64 with 12.6K cells: k-means 190 s, assignment 280 s).
+_TWO_LEVEL_CELLS = 4096
+#: Coarse groups (of about sqrt(nlist)) whose fine cells each row's nearest cells are taken from.
+_COARSE_PROBES = 8
+
+
+class _Quantizer:
+    """The cells' centroids C [nlist, d] float32 (prepped) and their search: the p nearest cells
+    of prepped rows. Flat: exhaustive (FAISS's IndexFlat on the CPU workers path, else a torch
+    matmul). Two-level: coarse centroids C1 [nc, d] group the cells (group g holds cells
+    goff[g]:goff[g + 1]); a row's candidates are the cells of its `_COARSE_PROBES` nearest
+    groups, ranked exactly. The row loop is over groups (one matrix product each), not rows."""
+
+    def __init__(self, C: torch.Tensor, metric: str, *, work: int, C1: torch.Tensor | None = None,
+                 goff: np.ndarray | None = None, workers: "_Workers | None" = None):
+        self.C, self.metric, self.work, self.C1, self.goff, self.workers = C, metric, work, C1, goff, workers
+        self.cn = C.pow(2).sum(1) if metric == "l2" else None
+        self.c1n = C1.pow(2).sum(1) if (C1 is not None and metric == "l2") else None
+        self.flat = None
+        if C1 is None and workers is not None:
+            import faiss
+
+            self.flat = faiss.IndexFlatIP(C.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(C.shape[1])
+            self.flat.add(np.ascontiguousarray(C.numpy()))
+
+    @property
+    def nlist(self) -> int:
+        return int(self.C.shape[0])
+
+    def search(self, x: torch.Tensor, p: int) -> np.ndarray:
+        """int64 [m, p] cell ids of the p nearest cells of each row of x [m, d], nearest first."""
+        p = min(p, self.nlist)
+        if self.workers is not None:  # CPU: rows split over the single-threaded workers
+            return np.concatenate(self.workers.split_rows(lambda r: self._search(torch.from_numpy(r), p),
+                                                          np.ascontiguousarray(x.numpy())))
+        return self._search(x, p)
+
+    def _search(self, x: torch.Tensor, p: int) -> np.ndarray:
+        if self.flat is not None:
+            return self.flat.search(x.numpy(), p)[1].astype(np.int64)
+        if self.C1 is None:
+            return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
+        out = np.empty((x.shape[0], p), np.int64)
+        p1 = min(_COARSE_PROBES, self.C1.shape[0])
+        # rows per block: the candidate table [b, p1 * p] of keys and ids, and one group's scores
+        rows = rows_per_block(p1 * p * 12 + int(np.diff(self.goff).max()) * 4 * p1, self.work // 2,
+                              maximum=max(1, x.shape[0]))
+        for s in range(0, x.shape[0], rows):
+            out[s:s + rows] = self._two_level(x[s:s + rows], p, p1)
+        return out
+
+    def _nearest(self, x: torch.Tensor, C: torch.Tensor, cn: torch.Tensor | None, kk: int):
+        """(keys [m, kk] ascending-better float32, positions in C [m, kk] int64) of the kk nearest
+        rows of C: faiss.knn on the CPU workers path (torch's CPU topk was ~5x slower here),
+        else matmul + topk on the device."""
+        if self.workers is not None:
+            import faiss
+
+            mt = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
+            D, I = faiss.knn(x.numpy(), C.numpy(), kk, metric=mt)
+            D, I = torch.from_numpy(D), torch.from_numpy(I)
+            return (D.neg_() if self.metric == "cosine" else D), I
+        return _key(x @ C.T, self.metric, cn).topk(kk, dim=1, largest=False)
+
+    def _two_level(self, x: torch.Tensor, p: int, p1: int) -> np.ndarray:
+        b = x.shape[0]
+        L = self._nearest(x, self.C1, self.c1n, p1)[1]  # [b, p1] nearest groups
+        # candidates per (row, probed group) pair, pair q = row * p1 + rank of the group
+        key = torch.full((b * p1, p), math.inf, device=x.device)
+        ids = torch.zeros((b * p1, p), dtype=torch.int64, device=x.device)
+        flat = L.reshape(-1).to(x.device)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.C1.shape[0]).cpu().numpy()
+        ends = np.cumsum(counts)
+        for g in np.flatnonzero(counts):
+            pairs = order[ends[g] - counts[g]:ends[g]]
+            c0, c1 = int(self.goff[g]), int(self.goff[g + 1])
+            kk = min(p, c1 - c0)
+            v, i = self._nearest(x[pairs // p1], self.C[c0:c1], None if self.cn is None else self.cn[c0:c1], kk)
+            key[pairs, :kk] = v.to(x.device)
+            ids[pairs, :kk] = i.to(x.device) + c0
+        pos = key.view(b, p1 * p).topk(p, dim=1, largest=False).indices  # sorted: nearest first
+        return ids.view(b, p1 * p).gather(1, pos).cpu().numpy()
+
+
+def _kmeans_here(x: torch.Tensor, k: int, *, niter: int, seed: int, metric: str, work: int,
+                 use_faiss: bool) -> torch.Tensor:
+    """k-means centroids [k, d] float32 of prepped rows x, in the calling thread: FAISS's
+    (spherical for cosine) when use_faiss, else ours (`kmeans`)."""
+    if not use_faiss:
+        return kmeans(x, k, niter=niter, seed=seed, metric=metric, work=work)
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=metric == "cosine",
+                      max_points_per_centroid=max(256, -(-x.shape[0] // k)), verbose=False)
+    km.train(np.ascontiguousarray(x.numpy()))
+    return torch.from_numpy(km.centroids.copy())
+
+
+def _train_two_level(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
+                     workers: "_Workers | None") -> _Quantizer:
+    """About `nlist` cells in two levels: round(sqrt(nlist)) coarse centroids on the sample xt,
+    then each coarse group's sample rows split into cells in proportion to their number (at
+    least 39 rows per cell, FAISS's floor). k-means costs O(ntrain sqrt(nlist) d) per iteration
+    instead of O(ntrain nlist d) (cf. FAISS's contrib two_level_clustering, which is CPU-only)."""
+    nc = max(1, int(round(math.sqrt(nlist))))
+    C1 = _train_centroids(xt, nc, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
+    c1n = C1.pow(2).sum(1) if metric == "l2" else None
+    a = _nearest_centroid(xt, C1, metric, c1n, work).cpu().numpy()
+    order = np.argsort(a, kind="stable")
+    counts = np.bincount(a, minlength=nc)
+    ends = np.cumsum(counts)
+    share = np.maximum(1, np.minimum(np.rint(nlist * counts / max(1, xt.shape[0])), counts // 39)).astype(np.int64)
+    share[counts == 0] = 0
+    order_t = torch.from_numpy(order).to(xt.device)
+
+    def fine(g):
+        rows = xt[order_t[ends[g] - counts[g]:ends[g]]]
+        if share[g] >= rows.shape[0]:
+            return rows.clone()
+        return _kmeans_here(rows, int(share[g]), niter=niter, seed=seed + 1 + int(g), metric=metric, work=work,
+                            use_faiss=workers is not None)
+
+    groups = np.flatnonzero(share)
+    parts = list(workers.map(fine, groups)) if workers is not None else [fine(g) for g in groups]
+    goff = np.zeros(nc + 1, np.int64)
+    goff[1:] = np.cumsum(share)
+    return _Quantizer(torch.cat(parts).to(torch.float32), metric, work=work, C1=C1, goff=goff, workers=workers)
 
 
 def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
@@ -291,7 +450,7 @@ def _sample_exact(pool, rows, q, *, k, metric, dev, budget, workers):
     return ts.exact(pool, metric, k)
 
 
-def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k, metric, dev, budget, work,
+def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, qz: "_Quantizer", *, k, metric, dev, budget, work,
                  target: float, workers: _Workers | None = None):
     """nprobe from the exact neighbours of sample `rows` (prepped q [m, d]): a true neighbour is
     reachable at nprobe p when its cell ranks among the p cells nearest to the query, so one
@@ -300,13 +459,12 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, C: torch.Tensor, *, k,
     Returns (smallest p of NPROBE_LADDER with recall - 2 SE >= target (else nlist), info, exact)."""
     from .knn import mean_se, nprobe_ladder, tuned
 
-    nlist = C.shape[0]
+    C, cn, nlist = qz.C, qz.cn, qz.nlist
     m = rows.size
     ex = _sample_exact(pool, rows, q, k=k, metric=metric, dev=dev, budget=budget, workers=workers)
-    cn = C.pow(2).sum(1) if metric == "l2" else None
     valid = ex[0] >= 0
     nb = _prep(gather_rows(pool, ex[0], device=dev), metric)
-    cell = _nearest_centroid(nb, C, metric, cn, work).reshape(m, k).cpu()
+    cell = torch.from_numpy(qz.search(nb, 1)).reshape(m, k)  # each neighbour's cell as assigned
     key = _key(q @ C.T, metric, cn).cpu()
     rank = torch.empty_like(key, dtype=torch.int64)
     rank.scatter_(1, key.argsort(dim=1, stable=True), torch.arange(nlist).expand(m, nlist).contiguous())
@@ -505,8 +663,12 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     ntrain = min(n, nlist * train_per_cell)
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
     xt = _prep(gather_rows(pool, sample, device=dev), metric)
-    C = _train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
-    cn = C.pow(2).sum(1) if metric == "l2" else None
+    if nlist > _TWO_LEVEL_CELLS:
+        qz = _train_two_level(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
+    else:
+        qz = _Quantizer(_train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work,
+                                         workers=workers), metric, work=work, workers=workers)
+    nlist = qz.nlist
     lap("train")
     info = {}
     tune = None
@@ -514,7 +676,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
         target = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
         m = min(ntrain, tune_rows or DEFAULT_TUNE_ROWS)
         pick = np.sort(np.random.default_rng([seed, 0x2A]).choice(ntrain, size=m, replace=False))
-        nprobe, info, ex = _tune_nprobe(pool, sample[pick], xt[torch.from_numpy(pick).to(xt.device)], C, k=k,
+        nprobe, info, ex = _tune_nprobe(pool, sample[pick], xt[torch.from_numpy(pick).to(xt.device)], qz, k=k,
                                         metric=metric, dev=dev, budget=budget, work=work, target=target,
                                         workers=workers)
         tune = (sample[pick], ex)
@@ -528,18 +690,8 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     keep_on_dev = dev.type == "cpu" or n * d * 4 <= 0.5 * torch.cuda.mem_get_info(dev)[0]
     log_memory_estimate("knn_graph torch approximate (cell-sorted pool copy + probes)", n * d * 4 + n * nprobe * 4)
     req = np.empty((n, nprobe), np.int32)
-    qz = None
-    if use_faiss:
-        import faiss
-
-        qz = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-        qz.add(np.ascontiguousarray(C.numpy()))
     for s, e in pool.block_ranges(work // 4, bytes_per_row=d * 8):
-        x = _prep(pool.block(s, e, device=dev), metric)
-        if qz is not None:
-            req[s:e] = np.concatenate(workers.split_rows(lambda r: qz.search(r, nprobe)[1], x.numpy()))
-        else:
-            req[s:e] = _nearest_centroid(x, C, metric, cn, work, p=nprobe).reshape(e - s, nprobe).cpu().numpy()
+        req[s:e] = qz.search(_prep(pool.block(s, e, device=dev), metric), nprobe)
     assign = req[:, 0].astype(np.int64)
     perm = np.argsort(assign, kind="stable")
     counts = np.bincount(assign, minlength=nlist)

@@ -201,9 +201,57 @@ def test_grouped_search_same_graph_with_any_thread_count():
     np.testing.assert_array_equal(graphs[0].distances, graphs[1].distances)
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("with_workers", [True, False])
+def test_two_level_quantizer_probing_every_group_is_exhaustive(metric, with_workers, monkeypatch):
+    """Two-level cells: with every coarse group probed, a row's p nearest cells are exactly the
+    exhaustive ranking over all cells (numpy float64 reference); with the default probes, the
+    nearest cell is the exhaustive one for nearly every row. Cells come in near nlist."""
+    from cm_engine import _knn_torch as kt
+    from cm_engine.knn import _prep
+
+    X = _prep(torch.from_numpy(clustered(6000)), metric)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with kt._Workers(2) as w:
+            workers = w if with_workers else None
+            qz = kt._train_two_level(X, 120, niter=5, seed=0, metric=metric, work=1 << 24, workers=workers)
+            assert qz.C1 is not None and 100 <= qz.nlist <= 140 and qz.goff[-1] == qz.nlist
+            C, Y = qz.C.double().numpy(), X.double().numpy()
+            key = -Y @ C.T if metric == "cosine" else ((Y[:, None, :] - C[None]) ** 2).sum(-1)
+            want = np.argsort(key, axis=1, kind="stable")[:, :5]
+            near = qz.search(X, 1)[:, 0]
+            assert (near == want[:, 0]).mean() >= 0.98
+            monkeypatch.setattr(kt, "_COARSE_PROBES", qz.C1.shape[0])
+            got = qz.search(X, 5)
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (6000, 5) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("no_faiss", [False, True])
+def test_two_level_grouped_search_recall(no_faiss, monkeypatch):
+    """The grouped search with two-level cells (forced on a small pool) meets the recall target
+    it tunes for, on the worker path and on the one-loop torch path."""
+    from cm_engine import _knn_torch as kt
+
+    monkeypatch.setattr(kt, "_TWO_LEVEL_CELLS", 8)
+    if no_faiss:
+        monkeypatch.setattr(kt, "_faiss_importable", lambda: False)
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, backend="faiss", exact=True)
+    g = knn_graph(X, k=10, backend="torch", exact=False, nlist=40, target_recall=0.95, tune_rows=600)
+    assert 30 <= g.info["nlist"] <= 50
+    rec = recall_at_k(g, exact)
+    print(f"two-level recall@10 (no_faiss={no_faiss}): {rec:.4f}, nprobe {g.info['nprobe']}")
+    assert rec >= 0.94
+
+
 def test_numpy_finish_rows_and_split_knn_match_their_references():
-    """finish_rows_np == finish_rows (ties by index, self dropped, -1 last); the workers' faiss.knn
-    with the database split == one faiss.knn."""
+    """finish_rows_np == finish_rows (ties by index, self dropped, -1 last); the workers' knn
+    (torch tiles, the database split) == one faiss.knn."""
     import faiss
 
     from cm_engine._knn_torch import _Workers
