@@ -516,6 +516,9 @@ def worker_ours(cfg) -> dict:
         graph = run("knn", lambda: ours_knn(pool_path, k=k, metric=cfg["metric"], backend=cfg["backend"],
                                             device=device, seed=cfg["seed"]))
         if graph is not None:
+            gi = getattr(graph, "info", None) or {}
+            res["knn_info"] = {key: gi[key] for key in ("backend", "nlist", "nprobe", "candidates_per_row",
+                                                         "cell_size_max", "sample_recall", "phase_s") if key in gi}
             out = run("hac", lambda: ours_hac(graph, n=n, mean_size=MEAN_CLUSTER_SIZE, device=device,
                                                      pool=str(pool_path)))
             if out is not None:
