@@ -11,7 +11,11 @@
   coarse k-means on a sample (on the device), then for each cell, the matrix of its points
   against the points of the cells its points request most, top-k per row; the requests that
   cap cuts are searched afterwards grouped by requested cell. No per-query probing, and every
-  point searches at least its own ``nprobe`` nearest cells.
+  point searches at least its own ``nprobe`` nearest cells. Cells hold ~256 points at any N
+  (N / 256 of them), so a row's candidates do not grow with the pool; past 4096 cells the
+  centroids are trained and searched in two levels (sqrt(nlist) coarse groups, each row's
+  cells ranked within its 8 nearest groups), so training and assignment cost
+  O(N sqrt(nlist) d) rather than O(N nlist d), which is quadratic in N at a fixed cell size.
 
 Approximate search tunes ``nprobe`` unless it is given: the exact neighbours of a seeded
 sample of rows (1000) are found first, and the smallest nprobe whose recall@k on the sample,
@@ -22,7 +26,9 @@ Both torch kernels live in `_knn_torch.py`; FAISS is imported lazily, here and i
 
 Why ``backend="auto"`` picks what it picks: on the CPU FAISS's BLAS search with its
 fused heap top-k is several times faster than torch, whose CPU ``topk`` over wide score
-matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. Approximate search
+matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. (The reverse
+holds for a few queries against many rows, the tuning sample's shape: there ``faiss.knn`` ran
+~3x slower than torch tiles, which the sample search uses.) Approximate search
 on the CPU uses the GEMM-shaped self-join (FAISS's k-means and quantizer; the cells on
 single-threaded worker threads, each one torch matrix product + top-k over ~2000 candidates, where
 torch's topk is cheap and ~1.5x faster than ``faiss.knn`` per cell): a cell's queries against its
