@@ -320,47 +320,64 @@ def build_table(ind, dist, delta):
 
 
 @njit(cache=True, nogil=True)
-def compact_mark_labeled(lab, cid, off, nb, flag):
+def compact_mark_labeled(lab, cid, flag):
     # In the table's compact ids (cid[pool index], -1 without near-copies): flag 1 for labeled
-    # points, then 2 for every unlabeled near-copy of a labeled point
-    # Labeled points are random rows: their compact ids (and, in a second pass, the ids'
-    # offsets and lists) are prefetched ahead, each level once the level above is in cache.
+    # points. Their near-copies are not marked here: a candidate's own list (symmetric table)
+    # shows a labeled near-copy when the walk reads it (`near_labeled`), so the labeled points'
+    # lists are never read. Labeled points are random rows: compact ids prefetched ahead.
     m = lab.size
-    ids = np.empty(m, dtype=np.int64)
     for i in range(m):
         if i + D < m:
             prefetch_row(cid, lab[i + D])
-        ids[i] = cid[lab[i]]
-    for i in range(m):
-        if i + D < m and ids[i + D] >= 0:
-            prefetch_row(flag, ids[i + D])
-        c = ids[i]
+        c = cid[lab[i]]
         if c >= 0:
             flag[c] = 1
-    for i in range(m):
-        if i + 2 * D < m and ids[i + 2 * D] >= 0:
-            prefetch_row(off, ids[i + 2 * D])
-        if i + D < m and ids[i + D] >= 0:
-            prefetch_row(nb, off[ids[i + D]])
-        c = ids[i]
+
+
+@njit(inline="always")
+def near_labeled(y, off, nb, flag):
+    for x in range(off[y], off[y + 1]):
+        if flag[nb[x]] == 1:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def sample_stats(rows, s, offsets, neighbours, cid, off, nb, flag):
+    # per pool row, before any chunk (flag: 0 or 1 = labeled): -1 if labeled or a near-copy of a
+    # labeled point, else how many of its near-copies (pool table offsets/neighbours) have a lower
+    # (s, index) key and are neither
+    out = np.zeros(rows.size, dtype=np.int64)
+    for p in range(rows.size):
+        a = rows[p]
+        c = cid[a]
         if c < 0:
             continue
-        for x in range(off[c], off[c + 1]):
-            j = nb[x]
-            if flag[j] == 0:
-                flag[j] = 2
+        if flag[c] != 0 or near_labeled(c, off, nb, flag):
+            out[p] = -1
+            continue
+        cnt = 0
+        for x in range(offsets[a], offsets[a + 1]):
+            u = neighbours[x]
+            if s[u] < s[a] or (s[u] == s[a] and u < a):
+                cu = cid[u]
+                if flag[cu] == 0 and not near_labeled(cu, off, nb, flag):
+                    cnt += 1
+        out[p] = cnt
+    return out
 
 
 @njit(cache=True, nogil=True)
 def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
     # Decide the candidates `win` (pool indices, keys kw) by the sequential greedy in key order,
     # ties by compact id (= pool index order inside a component, and near-copies share one).
-    # flag (compact): 0 undecided, 1 labeled/excluded, 2 near a labeled point, 3 kept, 4 dropped;
+    # flag (compact): 0 undecided, 1 labeled (the filter's blockers), 3 kept, 4 dropped;
     # key (compact): the keys of every candidate so far, +inf elsewhere. Every eligible point with
     # a key below a candidate's must be a candidate of this or an earlier call (decided then).
-    # kept(y) = flag 0 and no kept near-copy with an earlier key; the table is symmetric, so
-    # y's own list holds every such neighbour: a depth-first walk decides earlier neighbours
-    # first (edges point to strictly earlier keys: no cycle), O(candidates + near edges).
+    # kept(y) = flag 0, no labeled near-copy and no kept near-copy with an earlier key; the table
+    # is symmetric, so y's own list holds every such neighbour: a depth-first walk decides
+    # earlier neighbours first (edges point to strictly earlier keys: no cycle), O(candidates +
+    # near edges). A candidate's list is checked for labeled near-copies when it enters the walk.
     # Walk starts: every compact id in order (scan: large chunks; sequential memory, and the
     # near-copies of a component lie next to each other), else the chunk's own ids.
     for p in range(win.size):
@@ -379,6 +396,9 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
                 continue
         if flag[y0] != 0 or not key[y0] < np.inf:
             continue
+        if near_labeled(y0, off, nb, flag):
+            flag[y0] = 4
+            continue
         stack[0] = y0
         at[0] = off[y0]
         sp = 1
@@ -396,6 +416,10 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
                     if ku < ky or (ku == ky and u < y):
                         if fu == 3:
                             break
+                        if near_labeled(u, off, nb, flag):
+                            flag[u] = 4
+                            x += 1
+                            continue
                         at[sp - 1] = x  # come back to u once it is decided
                         stack[sp] = u
                         at[sp] = off[u]

@@ -351,7 +351,8 @@ class _TableFilter:
     """`_Filter` over a NearCopies table: same interface and answers.
 
     numba: one byte of state and one key per point with near-copies, in the table's compact ids
-    (`NearCopies._compact`; 0 undecided, 1 labeled, 2 near a labeled point, 3 kept, 4 dropped);
+    (`NearCopies._compact`; 0 undecided, 1 labeled, 3 kept, 4 dropped: near-copies of labeled
+    points are found from the candidates' own lists, never by reading the labeled points' lists);
     `extend` decides the new chunk by `compact_chunk` with the candidates' keys (`key`, or
     `key_full[win]`); a candidate without near-copies survives unless labeled.
     numpy: the rounds of `_filter_numpy` over the whole window, as `_Filter`."""
@@ -372,15 +373,15 @@ class _TableFilter:
         self.flag = np.zeros(self.off.size - 1, dtype=np.uint8)
         self.key = None
         if self.lab is not None:
-            self.K["compact_mark_labeled"](np.ascontiguousarray(self.lab, dtype=np.int64), self.cid, self.off, self.nb,
-                                           self.flag)
+            self.K["compact_mark_labeled"](np.ascontiguousarray(self.lab, dtype=np.int64), self.cid, self.flag)
 
-    def pool_flag(self, rows) -> np.ndarray:
-        """uint8 flags (as `_Filter.flag`) of the given pool points; numba kernel only."""
-        c = self.cid[rows]
-        out = np.zeros(c.size, dtype=np.uint8)
-        out[c >= 0] = self.flag[c[c >= 0]]
-        return out
+    def sample_stats(self, rows, s) -> np.ndarray:
+        """int64 per pool row (the window estimate of `_keep_rate`), before the first `extend`: -1
+        for a labeled point or a near-copy of one, else its near-copies with a lower (s, index)
+        key that are neither; numba kernel only."""
+        t = self.t
+        return self.K["sample_stats"](np.ascontiguousarray(rows, dtype=np.int64), s, t.offsets, t.neighbours,
+                                      self.cid, self.off, self.nb, self.flag)
 
     def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
         win = np.ascontiguousarray(win, dtype=np.int64)
@@ -475,6 +476,11 @@ class _Filter:
         self.off = np.zeros(1, dtype=np.int64)  # near lists of the window: nbj[off[p]:off[p + 1]]
         self.nbj = np.zeros(0, dtype=self.ind.dtype)
 
+    def sample_stats(self, rows, s) -> np.ndarray:
+        """As `_TableFilter.sample_stats` without the near-copy counts (0): -1 for a labeled point
+        or one listed within delta in a labeled row, else 0; numba kernel only."""
+        return np.where(self.flag[rows] == 0, 0, -1)
+
     def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
         win = np.ascontiguousarray(win, dtype=np.int64)
         key = np.ascontiguousarray(key)
@@ -523,7 +529,8 @@ def _build_numba_kernels() -> dict:
     return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range,
             "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform,
             "build_table": K.build_table, "compact_mark_labeled": K.compact_mark_labeled,
-            "compact_chunk": K.compact_chunk, "compact_survivors": K.compact_survivors}
+            "sample_stats": K.sample_stats, "compact_chunk": K.compact_chunk,
+            "compact_survivors": K.compact_survivors}
 
 
 def _filter_numpy(order, pairs, n, lab):
@@ -639,6 +646,8 @@ def _sorted_candidates(s: np.ndarray, eligible_mask, k: int) -> np.ndarray:
 #: rows of the score sample that sizes a window extension (a strided sample: its quantiles only
 #: size the next window, they never decide what is picked).
 EXTEND_SAMPLE = 16_384
+#: window sizing: the keep rate is estimated from at most this many sampled points of the window
+RATE_SAMPLE = 2048
 #: window sizing: this much above the survivors needed (estimated keep rate), so that one window,
 #: or one extension, usually suffices; the surplus costs only filter work on the extra points.
 WINDOW_MARGIN = 1.25
@@ -688,13 +697,18 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
     else:
         samp = sample()
         target = min(WINDOW_MARGIN * want, n_elig)
-        # the numba kernels' marks (2 = near a labeled point) estimate the keep rate
-        flag = None if getattr(f, "flag", None) is None else f.pool_flag if isinstance(f, _TableFilter) else \
-            (lambda rows: f.flag[rows])
-        if flag is not None and pick.size and target < n_elig:
+        # the numba kernels' marks estimate the keep rate (`_keep_rate`)
+        stats = None if getattr(f, "flag", None) is None else f.sample_stats
+        if stats is not None and pick.size and target < n_elig:
+            sp = s[pick]
+            st = np.full(pick.size, -2, dtype=np.int64)  # -2: not computed yet
             for _ in range(2):  # the keep rate depends on the window: refine it once
-                rate = _keep_rate(src, s, flag, pick[s[pick] <= samp[min(int(target / n_elig * samp.size),
-                                                                       samp.size - 1)]])
+                inw = np.flatnonzero(sp <= samp[min(int(target / n_elig * samp.size), samp.size - 1)])
+                if inw.size > RATE_SAMPLE:  # (each row's stats are a few cache misses)
+                    inw = inw[np.linspace(0, inw.size - 1, RATE_SAMPLE).astype(np.int64)]
+                need = inw[st[inw] == -2]
+                st[need] = stats(pick[need], s)
+                rate = _keep_rate(st[inw])
                 target = WINDOW_MARGIN * want / max(rate, 0.02)
         if target >= n_elig:
             chunk = np.arange(n, dtype=np.int64) if elig is None else np.flatnonzero(elig)
@@ -722,8 +736,7 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
             break
         n_win = keep.size
         chunk = ext
-    win = np.concatenate(f.wins)
-    surv = win[keep]
+    win = f.wins[0] if len(f.wins) == 1 else np.concatenate(f.wins)
     if n_kept > want:
         # the earlier windows hold fewer than `want` survivors, all with lower keys than the last
         # chunk's: take them all, and the lowest keys of the last chunk's (ascending index, so
@@ -731,7 +744,9 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
         head = win[:n_win][keep[:n_win]]
         last = win[n_win:][keep[n_win:]]
         last = _lowest_ascending(last, s, want - head.size)
-        surv = np.concatenate([head, last])
+        surv = last if head.size == 0 else np.concatenate([head, last])
+    else:
+        surv = win[keep]
     if len(f.wins) > 1:  # one chunk and its survivors are ascending already
         if surv.size * 64 > n:  # a mask pass over N beats sorting many survivors
             mask = np.zeros(n, dtype=np.bool_)
@@ -757,25 +772,20 @@ def _lowest_ascending(idx, s, k):
     return idx[take]
 
 
-def _keep_rate(src, s, flag, y):
-    """Estimated fraction of a window's eligible points that survive the filter, from the sampled
-    ones `y` in it: those not near a labeled point (flag 0), times, with a NearCopies, the chance q
-    of having no kept earlier neighbour in the window: q = mean((1 - q) ** c) over the sampled
-    unblocked points, c = their unblocked neighbours with lower keys (each taken as kept with
-    chance q). `flag(rows)`: the filter's marks of pool points (0 free, 1 labeled, 2 near a
-    labeled one). Only sizes windows: never decides what is picked."""
-    if y.size == 0:
+def _keep_rate(st):
+    """Estimated fraction of a window's eligible points that survive the filter, from its sampled
+    points' `sample_stats` st (int64: -1 labeled or near a labeled point, else c = its near-copies
+    with lower keys that are not near a labeled point): the free fraction, times the chance q of
+    having no kept earlier near-copy in the window: q = mean((1 - q) ** c) over the free points
+    (each such near-copy taken as kept with chance q). Only sizes windows: never decides what is
+    picked."""
+    if st.size == 0:
         return 1.0
-    free = flag(y) == 0
-    rate = float(free.mean())
-    y = y[free]
-    if not isinstance(src, NearCopies) or y.size == 0:
+    c = st[st >= 0]
+    rate = c.size / st.size
+    if c.size == 0:
         return rate
-    cnt = src.offsets[y + 1] - src.offsets[y]
-    a, u = src.pairs(y)
-    earlier = (flag(u) == 0) & ((s[u] < s[a]) | ((s[u] == s[a]) & (u < a)))
-    c = np.bincount(np.repeat(np.arange(y.size), cnt)[earlier], minlength=y.size)
-    h = np.bincount(c) / y.size  # the fixed point needs only the distribution of c
+    h = np.bincount(c) / c.size  # the fixed point needs only the distribution of c
     if h.size == 1:
         return rate
     pw = np.arange(h.size)

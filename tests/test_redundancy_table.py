@@ -220,3 +220,27 @@ def test_selectors_build_the_table_once(tmp_path, monkeypatch):
         m.select(rng.standard_normal((n, 3)).astype(np.float32), 10)
     assert len(built) == 2  # one table per selector, reused by every round and report
     assert sel.redundancy(delta=sel.delta / 2)["n_picked"] == 10  # another delta: the graph serves it
+
+
+def test_sample_stats_matches_reference():
+    # the window estimate's kernel: -1 for a labeled point or a near-copy of one, else its near-copies
+    # with a lower (score, index) key that are neither (rows without near-copies: 0)
+    if not R.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    for trial in range(20):
+        rng = np.random.default_rng(4000 + trial)
+        ind, dist, delta = hard_graph(trial, rng)
+        n = ind.shape[0]
+        near = prefix_near_sets(ind, dist, delta)
+        t = NearCopies.from_graph((ind, dist), delta=delta)
+        s = rng.random(n).astype(np.float32)
+        if trial % 2:
+            s = np.round(s * 4) / 4
+        lab = rng.choice(n, int(rng.integers(0, n // 3 + 1)), replace=False)
+        f = R._TableFilter(t, lab, work=0, key_full=s, kernel="numba")
+        rows = rng.permutation(n)[: int(rng.integers(0, n + 1))]
+        L = set(lab.tolist())
+        blocked = [bool(near[i]) and (i in L or bool(near[i] & L)) for i in range(n)]
+        want = [-1 if blocked[a] else sum(1 for u in near[a] if (s[u], u) < (s[a], a) and not blocked[u])
+                for a in rows]
+        np.testing.assert_array_equal(f.sample_stats(rows, s), want)
