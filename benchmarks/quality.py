@@ -296,20 +296,29 @@ def run_protocol(name, variant, args, P, batch_frac):
     runs = {s: [] for s in strategies}
     red_delta = P["delta"]
     kept = _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies)
+    if args.resume:  # the seeds each strategy already has in the file are kept, the rest are run
+        runs = {s: sorted((r for r in kept.pop(s, []) if r["seed"] < args.seeds), key=lambda r: r["seed"])
+                for s in strategies}
+    source = {k: info[k] for k in ("engine_labels_sha", "hac_source_sha", "redundancy_source_sha",
+                                   "redundancy_commit", "redundancy_modified")}
+    source.update(git_commit=git_commit(), time_utc=utc_now())
     fits = {}  # (seed, hash of the sorted labeled set) -> (model, acc): training is deterministic, and
     # strategies often label the same set (the filter on a clean pool with delta 0 is plain margin; km-10
     # orders agree in round 1), so an identical set is trained once
     for seed in range(args.seeds):
+        todo = [s for s in strategies if all(r["seed"] != seed for r in runs[s])]
+        if not todo:
+            continue
         rng = np.random.default_rng(1000 + seed)
         seed_set = rng.choice(n, seed_n, replace=False)
         t = time.perf_counter()
         m0 = H.train(Xs[seed_set], y[seed_set], C)
         acc0 = H.accuracy(m0, Xts, yt)
-        for s in strategies:
+        for s in todo:
             labeled = seed_set.copy()
             model = m0
             rec = {"seed": seed, "labels": [int(seed_n)], "acc": [acc0], "select_s": [], "train_s": [],
-                   "near_labeled": [], "near_copicked": []}
+                   "near_labeled": [], "near_copicked": [], "source": source}
             for r in range(args.rounds):
                 t0 = time.perf_counter()
                 pick = select(s, P, model, Xs, labeled, budget, seed * 100 + r)
@@ -335,6 +344,7 @@ def run_protocol(name, variant, args, P, batch_frac):
                 rec["labels"].append(int(labeled.size))
                 rec["acc"].append(acc)
             runs[s].append(rec)
+            runs[s].sort(key=lambda r: r["seed"])
             log.info("%s/%s b%g seed %d %-20s acc %s sel %.2fs", name, variant, batch_frac, seed, s,
                      " ".join(f"{a:.3f}" for a in rec["acc"]), float(np.mean(rec["select_s"])))
         log.info("%s/%s b%g seed %d done in %.0fs", name, variant, batch_frac, seed, time.perf_counter() - t)
@@ -350,7 +360,7 @@ def _result_path(name, variant, args, batch_frac):
 def _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies):
     """With --merge: the existing file's runs of strategies not re-run now, if its pool/protocol match."""
     path = _result_path(name, variant, args, batch_frac)
-    if not args.merge or not path.exists():
+    if not (args.merge or args.resume) or not path.exists():
         return {}
     old = json.loads(path.read_text())
     pr, p = old["protocol"], old["pool"]
@@ -360,7 +370,10 @@ def _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies
         raise SystemExit(f"--merge: {path} has another pool/protocol (seed set {pr['seed_set']}, budget "
                          f"{pr['budget']}, rounds {pr['rounds']}, pool {p['n_pool']}); expected {seed_n}, "
                          f"{budget}, {args.rounds}, {info['n_pool']}")
-    kept = {s: r for s, r in old["runs"].items() if s not in strategies}
+    if args.resume and any(old.get("strategy_pool", {}).get(s, old["pool"]).get(k) != info[k] for s in strategies
+                           if s in old["runs"] for k in ("engine_labels_sha", "exact_labels_sha")):
+        raise SystemExit(f"--resume: {path} ran with another clustering of the pool; rerun without --resume")
+    kept = {s: r for s, r in old["runs"].items() if args.resume or s not in strategies}
     # which clustering each kept engine strategy ran with (so a later HAC change is visible)
     _KEPT_POOL_INFO[str(path)] = {s: old.get("strategy_pool", {}).get(s, old["pool"]) for s in kept}
     return kept
@@ -504,6 +517,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tag", default="", help="extra result-file suffix (e.g. _timing; tagged files are not reported)")
     ap.add_argument("--merge", action="store_true", help="keep the existing file's runs of other strategies")
+    ap.add_argument("--resume", action="store_true", help="also keep the existing file's seeds of the strategies "
+                    "run now and run only the seeds < --seeds they lack (adds seeds to a file)")
     ap.add_argument("--quick", action="store_true", help="CI smoke run: 2K pools, 2 seeds, 2 rounds")
     ap.add_argument("--check-engine", action="store_true", help="only compare the result files' engine "
                     "clusterings with the current code's (see check_engine)")
