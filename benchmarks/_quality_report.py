@@ -62,9 +62,23 @@ def _load(results: Path):
             continue
         if p.stem != f"quality_{r['dataset']}_{r['variant']}" + _suffix(r["protocol"]["batch_frac"]):
             continue  # tagged (timing / experiment) files are not reported
+        r = _first_seeds(r, MATRIX["seeds"])
         out[(r["dataset"], r["variant"], float(r["protocol"]["batch_frac"]))] = r
     order = {d: i for i, d in enumerate(DATASET_ORDER)}
     return dict(sorted(out.items(), key=lambda kv: (-kv[0][2], order.get(kv[0][0], 9), kv[0][1])))
+
+
+def _first_seeds(r, k):
+    """Result `r` restricted to seeds 0..k-1 of every strategy (a uniform matrix: files with more seeds,
+    e.g. from a --resume pass that did not reach every pool, are reported on the same seeds as the rest)."""
+    if all(x["seed"] < k for v in r["runs"].values() for x in v):
+        return r
+    from quality import summarize_runs
+
+    runs = {s: [x for x in v if x["seed"] < k] for s, v in r["runs"].items()}
+    return {**r, "runs": runs, "summary": summarize_runs(runs),
+            "protocol": {**r["protocol"], "seeds": min(len(v) for v in runs.values()),
+                         "seeds_in_file": r["protocol"]["seeds"]}}
 
 
 def _suffix(bf):
@@ -114,11 +128,26 @@ def _vs_margin_table(runs):
 
 
 def _filter_source(r):
-    """Which cm_engine/redundancy.py the filter strategies of result `r` ran with (None if not recorded)."""
-    sp = r.get("strategy_pool", {}).get("margin_filter", r["pool"])
-    if "redundancy_source_sha" not in sp:
-        return None
-    return {k: sp[k] for k in ("redundancy_commit", "redundancy_source_sha", "redundancy_modified")}
+    """The near-duplicate filter source(s) the filter strategies of result `r` ran with: a list of distinct
+    {redundancy_commit, redundancy_source_sha, redundancy_modified} (per run where recorded, else per
+    file); None if not recorded."""
+    keys = ("redundancy_commit", "redundancy_source_sha", "redundancy_modified")
+    recs = [x.get("source") or r.get("strategy_pool", {}).get(s, r["pool"])
+            for s in ("margin_filter", "cm_1.25_filter") for x in r["runs"].get(s, [])]
+    out = []
+    for sp in recs:
+        if "redundancy_source_sha" in sp and {k: sp[k] for k in keys} not in out:
+            out.append({k: sp[k] for k in keys})
+    return out or None
+
+
+def _filter_source_text(r):
+    src = _filter_source(r)
+    if src is None:
+        return ""
+    return (" Filter strategies ran with cm_engine/redundancy.py + _redundancy_kernels.py of " + "; ".join(
+        f"commit {x['redundancy_commit']}" + (" + uncommitted edits" if x["redundancy_modified"] else "")
+        + f" (source hash {x['redundancy_source_sha']})" for x in src) + ".")
 
 
 def _mean_table(runs):
@@ -139,13 +168,12 @@ def _pool_table(key, r):
     red = var == "redundant"
     lines = [f"### {ds} ({var}), batches of {100 * bf:g}%", "",
              f"Pool {p['n_pool']} x {p['dim']} (PCA), test {p['n_test']}, {p['n_classes']} classes; seed set "
-             f"{pr['seed_set']}, batch {pr['budget']}, {pr['rounds']} rounds, {pr['seeds']} seeds. "
+             f"{pr['seed_set']}, batch {pr['budget']}, {pr['rounds']} rounds, {pr['seeds']} seeds"
+             + (f" (the first {pr['seeds']} of the file's {pr['seeds_in_file']})" if "seeds_in_file" in pr else "")
+             + ". "
              f"ARI(engine HAC, exact HAC) at mean size 10: {p['ari_engine_vs_exact']:.3f}; auto delta "
              f"{p['delta']:.4g}. Plot: `benchmarks/results/quality_{ds}_{var}{_suffix(bf)}.png`."
-             + ("" if _filter_source(r) is None else " Filter strategies ran with cm_engine/redundancy.py of "
-                f"commit {_filter_source(r)['redundancy_commit']} (source hash "
-                f"{_filter_source(r)['redundancy_source_sha']}"
-                + (", modified in the working tree" if _filter_source(r)["redundancy_modified"] else "") + ")."),
+             + _filter_source_text(r),
              "",
              "| strategy | mean acc over rounds ± SE | vs random (paired) | vs margin (paired) | final acc | "
              "labels to random's final | label savings | select s/round | picks near labeled | picks near "
@@ -381,7 +409,8 @@ def write_report(results: Path, md_path: Path) -> None:
         S = r["summary"]
         summary[_name(*key)] = {
             "pool": r["pool"]["n_pool"], "budget": r["protocol"]["budget"], "seeds": r["protocol"]["seeds"],
-            "rounds": r["protocol"]["rounds"], "in_matrix": matrix_gap(r) is None,
+            "rounds": r["protocol"]["rounds"], "seeds_in_file": r["protocol"].get("seeds_in_file", r["protocol"]["seeds"]),
+            "in_matrix": matrix_gap(r) is None,
             **({"outside_matrix": matrix_gap(r)} if matrix_gap(r) else {}),
             "git_commit": r.get("git_commit"), "time_utc": r.get("time_utc"), "filter_source": _filter_source(r),
             "strategies": {s: {"mean_acc": d["mean_acc"], "se": d["se"], "final_acc": d["final_acc"],
