@@ -378,18 +378,28 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
     # is symmetric, so y's own list holds every such neighbour: a depth-first walk decides
     # earlier neighbours first (edges point to strictly earlier keys: no cycle), O(candidates +
     # near edges). A candidate's list is checked for labeled near-copies when it enters the walk.
-    # Walk starts: every compact id in order (scan: large chunks; sequential memory, and the
-    # near-copies of a component lie next to each other), else the chunk's own ids.
+    # Walk starts: every undecided candidate's compact id in order (scan: large chunks; sequential
+    # memory, and the near-copies of a component lie next to each other), else the chunk's own ids.
     for p in range(win.size):
         c = cid[win[p]]
         if c >= 0:
             key[c] = kw[p]
+    if scan:
+        # the undecided candidates' ids, ascending, by a branch-free pass (a branch per id would
+        # mispredict on most of them: candidates and the rest interleave at random)
+        starts = np.empty(flag.size + 1, dtype=np.int64)  # (only the pages written are touched)
+        n_start = 0
+        for t in range(flag.size):
+            starts[n_start] = t
+            n_start += (key[t] < np.inf) & (flag[t] == 0)
+    else:
+        starts = win
+        n_start = win.size
     stack = np.empty(win.size + 1, dtype=np.int64)
     at = np.empty(win.size + 1, dtype=np.int64)  # the next list entry to check, per level
-    n_start = flag.size if scan else win.size
     for t in range(n_start):
         if scan:
-            y0 = t
+            y0 = starts[t]
         else:
             y0 = cid[win[t]]
             if y0 < 0:
