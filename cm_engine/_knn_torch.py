@@ -309,13 +309,17 @@ class _Quantizer:
     def nlist(self) -> int:
         return int(self.C.shape[0])
 
-    def search(self, x: torch.Tensor, p: int) -> np.ndarray:
-        """int64 [m, p] cell ids of the p nearest cells of each row of x [m, d], nearest first."""
+    def search(self, x: torch.Tensor, p: int, *, pad: bool = True) -> np.ndarray:
+        """int64 [m, p] cell ids of the p nearest cells of each row of x [m, d], nearest first.
+        Two-level search can reach fewer than p cells (its probed groups hold fewer): the missing
+        entries repeat the row's nearest cell (pad=True), else are -1."""
         p = min(p, self.nlist)
         if self.workers is not None:  # CPU: rows split over the single-threaded workers
-            return np.concatenate(self.workers.split_rows(lambda r: self._search(torch.from_numpy(r), p),
-                                                          np.ascontiguousarray(x.numpy())))
-        return self._search(x, p)
+            out = np.concatenate(self.workers.split_rows(lambda r: self._search(torch.from_numpy(r), p),
+                                                         np.ascontiguousarray(x.numpy())))
+        else:
+            out = self._search(x, p)
+        return np.where(out < 0, out[:, :1], out) if pad else out
 
     def _search(self, x: torch.Tensor, p: int) -> np.ndarray:
         if self.flat is not None:
@@ -349,7 +353,7 @@ class _Quantizer:
         L = self._nearest(x, self.C1, self.c1n, p1)[1]  # [b, p1] nearest groups
         # candidates per (row, probed group) pair, pair q = row * p1 + rank of the group
         key = torch.full((b * p1, p), math.inf, device=x.device)
-        ids = torch.zeros((b * p1, p), dtype=torch.int64, device=x.device)
+        ids = torch.full((b * p1, p), -1, dtype=torch.int64, device=x.device)
         flat = L.reshape(-1).to(x.device)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.C1.shape[0]).cpu().numpy()
@@ -459,18 +463,20 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, qz: "_Quantizer", *, k
     Returns (smallest p of NPROBE_LADDER with recall - 2 SE >= target (else nlist), info, exact)."""
     from .knn import mean_se, nprobe_ladder, tuned
 
-    C, cn, nlist = qz.C, qz.cn, qz.nlist
+    nlist = qz.nlist
     m = rows.size
     ex = _sample_exact(pool, rows, q, k=k, metric=metric, dev=dev, budget=budget, workers=workers)
     valid = ex[0] >= 0
     nb = _prep(gather_rows(pool, ex[0], device=dev), metric)
-    cell = torch.from_numpy(qz.search(nb, 1)).reshape(m, k)  # each neighbour's cell as assigned
-    key = _key(q @ C.T, metric, cn).cpu()
-    rank = torch.empty_like(key, dtype=torch.int64)
-    rank.scatter_(1, key.argsort(dim=1, stable=True), torch.arange(nlist).expand(m, nlist).contiguous())
-    r = rank.gather(1, cell).numpy()  # [m, k]: rank of each true neighbour's cell for its query
-    memo = {}
+    cell = qz.search(nb, 1).reshape(m, k)  # each neighbour's cell as assigned
     ladder = nprobe_ladder(nlist)
+    # Each query's cells in the order the assignment ranks them (two-level: as its search does,
+    # not the exact order, which it only approximates), up to the largest ladder step below nlist;
+    # a neighbour's cell not among them is reachable only when all cells are searched.
+    top = qz.search(q, ladder[-2] if len(ladder) > 1 else nlist, pad=False)  # [m, P]
+    hit = top[:, :, None] == cell[:, None, :]  # [m, P, k]
+    r = np.where(hit.any(1), hit.argmax(1), nlist - 1)  # [m, k]: rank of each true neighbour's cell
+    memo = {}
     chosen = ladder[-1]
     for p in ladder:  # every p is free to measure here: the first that passes
         memo[p] = mean_se(((r < p) & valid).sum(1) / np.maximum(1, valid.sum(1)))
