@@ -461,6 +461,10 @@ def _warm_up(cfg, device):
             scores = rng.random(n).astype(np.float32)
         try:
             ours_select(scores, labels, max(1, n // 10), seed=0)
+            # The round-robin switches to its numba kernel from NUMBA_MIN_CANDIDATES candidates;
+            # load that kernel too (else the first size above it pays ~1.5 s of loading, as 3e4 did).
+            m = 25_000
+            ours_select(rng.random(m).astype(np.float32), rng.integers(0, m // 10, m), m // 10, seed=0)
         except Exception:
             pass
 
