@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_MACHINE_NOTE, machine_info, peak_rss_bytes, utc_now, write_json  # noqa: E402
+from _common import SHARED_MACHINE_NOTE, git_commit, machine_info, peak_rss_bytes, utc_now, write_json  # noqa: E402
 
 
 def main():
@@ -108,7 +108,8 @@ def main():
             "all_cycle_s": t["plain"], "all_filtered_s": t["filtered"], "all_table_s": t["table"],
             "all_cycle_cpu_s": c["plain"], "all_filtered_cpu_s": c["filtered"], "all_table_cpu_s": c["table"]}
         print(km, {k: v for k, v in res["cases"][f"km_ratio_{km}"].items() if not k.startswith("all")}, flush=True)
-    res.update(loadavg_after=os.getloadavg(), machine=machine_info(), peak_rss_bytes=peak_rss_bytes(), time_utc=utc_now(),
+    res.update(loadavg_after=os.getloadavg(), machine=machine_info(), git_commit=git_commit(), peak_rss_bytes=peak_rss_bytes(),
+               time_utc=utc_now(),
                notes=SHARED_MACHINE_NOTE + f"; torch threads {torch.get_num_threads()}; median of {a.reps} after a warm-up;"
                " CPU time is the process's (all threads); 'filtered' reads the graph, 'table' a NearCopies built once"
                " per pool (table_build_s, not part of a cycle)")
