@@ -223,7 +223,7 @@ def test_two_level_quantizer_probing_every_group_is_exhaustive(metric, with_work
             want = np.argsort(key, axis=1, kind="stable")[:, :5]
             near = qz.search(X, 1)[:, 0]
             assert (near == want[:, 0]).mean() >= 0.98
-            monkeypatch.setattr(kt, "_COARSE_PROBES", qz.C1.shape[0])
+            qz.coarse_probes = qz.C1.shape[0]
             got = qz.search(X, 5)
     finally:
         torch.set_num_threads(old)
