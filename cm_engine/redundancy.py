@@ -26,7 +26,8 @@ neighbours with distances, so near-copies are graph edges shorter than a thresho
   budget survive (on redundant pools every copy group soon has a labeled member), the budget is
   filled in tiers: first the same greedy filter over the remaining points that drops only
   near-copies of this batch's picks (copies of labeled points allowed: one pick per copy group at
-  most), then plain margin order. (Cluster-Margin sends the second tier through its round-robin.)
+  most), taking the points with the fewest labeled near-copies first, then plain margin order.
+  (Cluster-Margin sends the second tier through its round-robin.)
 
 The auto-delta rule. Take the log of the graph's edge distances (a seeded sample of at most 65,536
 rows, every listed neighbour). Near-duplicates make that distribution bimodal: a mode of copy edges
@@ -820,9 +821,10 @@ def _check_exclude(exclude, n):
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
     """Margin selection without near-copies: the `budget` lowest-score points of the greedy filter
     (lowest margin first; a point within delta of an excluded/labeled point or of an earlier pick
-    is skipped). Returns int64 [min(budget, eligible)] pool indices, each tier in ascending score
-    order: the survivors; if fewer than `budget` survive, the fill (`_second_tier`: survivors of the
-    filter against this batch's picks only, then plain score order)."""
+    is skipped). Returns int64 [min(budget, eligible)] pool indices: the survivors in ascending
+    score order; if fewer than `budget` survive, the fill (`_second_tier`: survivors of the filter
+    against this batch's picks only, fewest labeled near-copies first, then by score; then plain
+    score order)."""
     from .strategies import as_scores
 
     s = as_scores("scores", scores)
@@ -836,23 +838,48 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
     kept, _ = _filtered_candidates(s, src, budget, delta=delta, excl=excl)
     kept = kept[np.argsort(s[kept], kind="stable")]  # ascending index -> by (score, index)
     if kept.size < budget:
-        more, _ = _second_tier(s, src, budget - kept.size, kept, excl, delta)
-        kept = np.concatenate([kept, more[np.argsort(s[more], kind="stable")]])
+        kept = np.concatenate([kept, _second_tier(s, src, budget - kept.size, kept, excl, delta)[0]])
     return _fill(kept, s, budget, excl)
 
 
 def _second_tier(s, src, want, picked, excl, delta):
     """The fill's second tier, when fewer than the budget survive the filter (typically every copy
     group already has a labeled member): the greedy filter again over the eligible points not yet
-    picked, in (score, index) order, now dropping only near-copies of this batch's picks `picked`
-    (and of its own earlier survivors); near-copies of labeled points are allowed. So a batch never
-    spends two labels on one copy group while a group without a pick is left. Returns
-    `_filtered_candidates`' (survivors ascending by index, examined); `want` survivors at most."""
+    picked, now dropping only near-copies of this batch's picks `picked` (and of its own earlier
+    survivors); near-copies of labeled points are allowed. The order: fewest labeled near-copies
+    first, then (score, index). So a batch never spends two labels on one copy group while a group
+    without a pick is left, and it tops up the least-labeled groups first rather than giving the
+    most uncertain group its third and fourth copy (which over-weights it in training). Returns
+    (survivors in that order, examined); `want` survivors at most."""
+    n = s.size
     excl2 = picked if excl is None or excl.size == 0 else np.concatenate([excl, picked])
-    kept, m = _filtered_candidates(s, src, want, delta=delta, excl=excl2, block=picked)
+    cover = _labeled_cover(src, delta, excl, n)
+    key = s
+    if cover.any():  # (cover, score, index) as one exact float64 key: cover * N + rank
+        key = np.empty(n, dtype=np.float64)
+        key[np.argsort(s, kind="stable")] = np.arange(n, dtype=np.float64)
+        key += cover * float(n)
+    kept, m = _filtered_candidates(key, src, want, delta=delta, excl=excl2, block=picked)
     log.info("near-duplicate filter: %d picks survive against labeled points; second tier (against this batch "
              "only): %d more of %d wanted", picked.size, kept.size, want)
-    return kept, m
+    return kept[np.argsort(key[kept], kind="stable")], m
+
+
+def _labeled_cover(src, delta, excl, n) -> np.ndarray:
+    """int64 [N]: each point's labeled near-copies (`excl`), a near pair counted once whichever
+    row lists it."""
+    if excl is None or excl.size == 0:
+        return np.zeros(n, dtype=np.int64)
+    pairs = _src_pairs(src, delta)
+    if isinstance(src, NearCopies):  # symmetric rows: the labeled rows list every pair once
+        return np.bincount(pairs(excl)[1], minlength=n)
+    is_lab = np.zeros(n, dtype=np.bool_)
+    is_lab[excl] = True
+    a, b = pairs(excl)  # labeled a lists b
+    c, d = pairs(np.flatnonzero(~is_lab))  # b lists labeled d
+    ok = is_lab[d]
+    key = np.unique(np.concatenate([b * n + a, c[ok] * n + d[ok]]))  # (point, labeled near-copy) once
+    return np.bincount(key // n, minlength=n)
 
 
 def _fill(picked, s, budget, excl):
@@ -880,7 +907,7 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
 
     If fewer than `budget` survive (all are then picked), the shortfall b' is filled in tiers: the
     second tier (`_second_tier`: the filter against this batch's picks only, copies of labeled
-    points allowed) yields round(km_ratio * b') candidates, and the same round-robin (same `order`;
+    points allowed, fewest labeled near-copies first) yields round(km_ratio * b') candidates, and the same round-robin (same `order`;
     `label_aware` counts this batch's picks as labeled) visits them, so the fill keeps Cluster-
     Margin's spread over clusters; then, if still short, the lowest-score remaining points."""
     from .sampler import ORDERS, _round_robin, as_generator
@@ -907,7 +934,7 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
     short = budget - picked.size
     if short > 0:  # every survivor is picked: the second tier, the same Cluster-Margin step over it
-        more, _ = _second_tier(s, src, int(round(km_ratio * short)), picked, excl, delta)
+        more = np.sort(_second_tier(s, src, int(round(km_ratio * short)), picked, excl, delta)[0])
         if label_aware:  # this batch's picks count as labeled too
             lab = picked if excl is None else np.concatenate([excl, picked])
         picked = np.concatenate([picked, _round_robin(more, labels, short, rng, order=order, labeled=lab)])

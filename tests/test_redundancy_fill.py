@@ -27,7 +27,8 @@ def greedy(order, near, block):
 def tiered_reference(s, near, budget, excl, *, km_ratio=None, labels=None, seed=0, order="smallest",
                      label_aware=False):
     """The documented tiers, one pick at a time: (1) the greedy against labeled + kept points,
-    (2) the greedy over the rest against this batch's picks only, (3) plain score order. Cluster-
+    (2) the greedy over the rest against this batch's picks only, in (labeled near-copies, score,
+    index) order, (3) plain score order. Cluster-
     Margin (km_ratio given): each of the first two tiers' round(km_ratio * still wanted) survivors
     go through the same round-robin (the engine's, a tested component) with one generator."""
     n = s.size
@@ -42,6 +43,8 @@ def tiered_reference(s, near, budget, excl, *, km_ratio=None, labels=None, seed=
             break
         taken = set(picked)
         rest = [c for c in elig if c not in taken]
+        if tier == 2:  # fewest labeled near-copies first, then (score, index)
+            rest.sort(key=lambda c: (len(near[c] & ex), s[c], c))
         want = short if km_ratio is None else int(round(km_ratio * short))
         surv = greedy(rest, near, excl if tier == 1 else picked)[:want]
         if km_ratio is None:
@@ -137,6 +140,10 @@ def test_second_tier_spreads_over_copy_groups():
     got = filtered_margin(s, (ind, dist), 8, delta=0.01, exclude=labeled)
     np.testing.assert_array_equal(got[:6], [1, 5, 9, 13, 17, 21])  # one per group, by margin
     np.testing.assert_array_equal(got[6:], [2, 3])  # then plain score order
+    # a second labeled copy in groups 0 and 1: the groups with one labeled copy come first
+    lab2 = np.concatenate([labeled, [1, 5]])
+    got = filtered_margin(s, (ind, dist), 6, delta=0.01, exclude=lab2)
+    np.testing.assert_array_equal(got, [9, 13, 17, 21, 2, 6])
     t = NearCopies.from_graph((ind, dist), delta=0.01)
     cm = filtered_cluster_margin(s, g, t, 6, km_ratio=1.0, exclude=labeled, seed=0)
     assert sorted(g[cm].tolist()) == list(range(6))
