@@ -290,8 +290,9 @@ class _Quantizer:
     """The cells' centroids C [nlist, d] float32 (prepped) and their search: the p nearest cells
     of prepped rows. Flat: exhaustive (FAISS's IndexFlat on the CPU workers path, else a torch
     matmul). Two-level: coarse centroids C1 [nc, d] group the cells (group g holds cells
-    goff[g]:goff[g + 1]); a row's candidates are the cells of its `_COARSE_PROBES` nearest
-    groups, ranked exactly. The row loop is over groups (one matrix product each), not rows."""
+    goff[g]:goff[g + 1]); a row's candidates are the cells of its `coarse_probes` nearest groups
+    (from `_COARSE_PROBES`; the tuning may raise it), ranked exactly. The row loop is over groups
+    (one matrix product each), not rows."""
 
     def __init__(self, C: torch.Tensor, metric: str, *, work: int, C1: torch.Tensor | None = None,
                  goff: np.ndarray | None = None, workers: "_Workers | None" = None):
