@@ -251,7 +251,7 @@ class _Workers(ThreadPoolExecutor):
                 te = min(e, ts + tile)
                 xt = torch.from_numpy(xb[ts:te])
                 S = q @ xt.T
-                key = S.neg_() if ip else S.mul_(-2.0).add_(xt.pow(2).sum(1))
+                key = _key(S, "cosine" if ip else "l2", None if ip else xt.pow(2).sum(1))
                 v, i = key.topk(min(kk, te - ts), dim=1, largest=False, sorted=False)
                 Dt, It = v.numpy(), i.numpy() + ts
                 D, I = (Dt, It) if D.shape[1] == 0 else _merge(D, I, Dt, It, kk)
@@ -423,16 +423,10 @@ def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, met
     there), else ours. Small runs go to one worker thread (see _SERIAL_KMEANS_MACS)."""
     if workers is None:
         return kmeans(xt, nlist, niter=niter, seed=seed, metric=metric, work=work)
-    import faiss  # the caller checked it is importable
-
-    km = faiss.Kmeans(xt.shape[1], nlist, niter=niter, seed=seed, spherical=metric == "cosine",
-                      max_points_per_centroid=max(256, -(-xt.shape[0] // nlist)), verbose=False)
-    x = np.ascontiguousarray(xt.numpy())
-    if x.shape[0] * nlist * x.shape[1] <= _SERIAL_KMEANS_MACS:
-        workers.submit(km.train, x).result()
-    else:
-        km.train(x)
-    return torch.from_numpy(km.centroids.copy())
+    run = lambda: _kmeans_here(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, use_faiss=True)  # noqa: E731
+    if xt.shape[0] * nlist * xt.shape[1] <= _SERIAL_KMEANS_MACS:
+        return workers.submit(run).result()
+    return run()
 
 
 def _sample_exact(pool, rows, q, *, k, metric, dev, budget, workers):
@@ -487,10 +481,11 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, qz: "_Quantizer", *, k
         # of another group is out of reach at any nprobe (at 10M with 8 of 198 groups: 5.3% of
         # them, recall stuck at 0.947). Double the groups searched until the reachable share
         # passes the target with the same 2-SE margin.
-        def reach(r):
-            return mean_se(((r < nlist - 1) & valid).sum(1) / np.maximum(1, valid.sum(1)))
+        def reach_low(r):  # reachable share of the true neighbours, less two standard errors
+            mean, se = mean_se(((r < nlist - 1) & valid).sum(1) / np.maximum(1, valid.sum(1)))
+            return mean - 2 * se
 
-        while qz.coarse_probes < qz.C1.shape[0] and (lambda ms: ms[0] - 2 * ms[1])(reach(r)) < target + 0.01:
+        while qz.coarse_probes < qz.C1.shape[0] and reach_low(r) < target + 0.01:
             qz.coarse_probes = min(qz.C1.shape[0], 2 * qz.coarse_probes)
             r = ranks()
     memo = {}
