@@ -770,6 +770,12 @@ def worker_peer(cfg) -> dict:
 
 def worker_main(cfg_json: str) -> int:
     cfg = json.loads(cfg_json)
+    if cfg.get("log_level"):
+        import logging
+
+        # To stderr, which _spawn keeps in <run_dir>/<method>_n<N>.log (a killed worker's log survives).
+        logging.basicConfig(level=cfg["log_level"], stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if cfg.get("threads"):
         import torch
 
@@ -817,13 +823,17 @@ def _spawn(cfg, timeout, run_dir):
         rp.unlink()
     cfg = dict(cfg, result_path=str(rp))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    log_path = rp.with_suffix(".log")  # the worker's stdout + stderr, kept even when it is killed
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
+        with open(log_path, "w") as lf:
+            proc = subprocess.run(cmd, timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, text=True)
         wall = time.perf_counter() - t0
+        proc.stderr = log_path.read_text(errors="replace")[-4000:]
     except subprocess.TimeoutExpired:
         res = json.loads(rp.read_text()) if rp.exists() else {"method": cfg["method"], "n": cfg["n"]}
-        res.update(wall=f"timeout (> {timeout:.0f} s)", process_s=time.perf_counter() - t0)
+        res.update(wall=f"timeout (> {timeout:.0f} s)", process_s=time.perf_counter() - t0,
+                   log_tail=log_path.read_text(errors="replace")[-2000:] if log_path.exists() else None)
         if res.get("running"):
             res.setdefault("status", {})[res["running"]] = f"timeout (> {timeout:.0f} s for the whole run)"
         return res
@@ -911,7 +921,7 @@ def run_benchmark(args) -> dict:
                 "seed": 0, "pool": str(pool), "logits": str(logits), "device": args.device,
                 "backend": args.backend, "ari_max": args.ari_max, "recall_queries": args.recall_queries,
                 "logits_on": args.logits_on, "cycle": args.cycle, "threads": args.threads,
-                "warmup": not args.no_warmup}
+                "warmup": not args.no_warmup, "log_level": args.log_level}
         bases[n] = base
         if args.drop_cache:
             base["cache_state"] = drop_page_cache([pool, logits])
@@ -1305,6 +1315,8 @@ def build_parser():
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads in the workers")
+    p.add_argument("--log-level", default=None, choices=("DEBUG", "INFO", "WARNING"),
+                   help="the workers' cm_engine log level (their logs: <data-dir>/runs/<tag>/<method>_n<N>.log)")
     p.add_argument("--generate-on", default="numpy",
                    help="how pools are generated: numpy (cm_engine.synthetic), or with torch on a device (cpu, cuda)")
     p.add_argument("--logits-on", default="file", choices=["file", "device"],

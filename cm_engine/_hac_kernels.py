@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 
@@ -131,6 +132,7 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
     array plus work proportional to the dirty edges.
     """
     dev = r.device
+    t_log = time.perf_counter()
     bound = feats is None and impute is not None and impute[0] != 0
     I64 = torch.int64
     size = torch.ones(n + 1, dtype=F64, device=dev)
@@ -317,6 +319,9 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         flag.index_fill_(0, dirty, False)
         del nu, nv, nS, nc, nM, nL
         log.debug("hac round %d: %d merges (%d total), %d live edges", rounds, p, done, live)
+        if time.perf_counter() - t_log >= 10.0:  # long runs say where they are (INFO, every ~10 s)
+            t_log = time.perf_counter()
+            log.info("hac: round %d, %d of %d merges, %d live edges", rounds, done, n - 1, live)
         if progress is not None:
             progress(done, n - 1)
     if out_a:

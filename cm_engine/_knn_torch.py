@@ -188,12 +188,6 @@ def _cell_probes(req: np.ndarray, c: int, nlist: int, cap: int) -> np.ndarray:
     return asked[order[:cap]]
 
 
-def _topk_torch(q: torch.Tensor, cand: torch.Tensor, kc: int, metric: str, cdt: torch.dtype, dn):
-    """Indices [m, min(kc, M)] of the nearest candidates of each query: matmul + topk."""
-    key = _key(q.to(cdt) @ cand.to(cdt).T, metric, dn)
-    return key.topk(min(kc, cand.shape[0]), dim=1, largest=False, sorted=False).indices
-
-
 #: Largest k-means (training rows x cells x d multiply-adds per iteration) run on one worker
 #: thread rather than FAISS's OpenMP team: at 50K (2e8) the team's barriers cost more than
 #: the arithmetic on a busy host; at 1M (8e10) the team is needed.
@@ -677,6 +671,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
         t = time.perf_counter()
         phase[name] = round(t - t_phase, 4)
         t_phase = t
+        log.info("knn_graph approximate: %s %.2f s", name, phase[name])
 
     # 1. Coarse partition from a seeded sample.
     rng = np.random.default_rng([seed, 0x7E])
@@ -724,7 +719,6 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     for s, e in pool.block_ranges(work // 4, bytes_per_row=d * 8):
         xs[inv_t[s:e]] = _prep(pool.block(s, e, device=xs.device), metric)
     req = req[perm]  # rows now in cell order too
-    perm_t = torch.from_numpy(perm).to(dev)
     lap("assign")
 
     # 3. The self-join, cell by cell (4. then the requests the cap cut).
@@ -732,64 +726,13 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
         searched, n_left = _join_workers(xs.numpy(), req, perm, counts, off, cap=cap, k=k, kc=kc, metric=metric,
                                          out=out, progress=progress, workers=workers, work=work, kernel=kernel,
                                          cdt=cdt, lap=lap)
-    else:
-        # 3. The self-join, cell by cell.
-        def search(qf, cand, dn):
-            """(indices into cand [m, kc'], float32 distances [m, kc']) of the nearest candidates."""
-            sel = _topk_torch(qf, cand, kc, metric, cdt, dn)
-            return sel, exact_distances(qf, cand[sel], metric)
+        lap("second_pass")
+    else:  # CUDA, or a CPU without FAISS: batched tensor work, no loop over cells
+        from ._knn_join import batched_self_join
 
-        searched = 0
-        buf = torch.empty((0, d), dtype=torch.float32, device=xs.device)
-        left_pos, left_cell = [], []  # (row position in cell order, requested cell) the cap left out
-        for c in range(nlist):
-            m = int(counts[c])
-            if m == 0:
-                continue
-            creq = req[off[c]:off[c + 1]]
-            cells = _cell_probes(creq, c, nlist, cap)
-            cells = cells[counts[cells] > 0]
-            miss = ~np.isin(creq, cells) & (counts[creq] > 0)
-            if miss.any():
-                r, j = np.nonzero(miss)
-                left_pos.append(off[c] + r)
-                left_cell.append(creq[r, j])
-            M = int(counts[cells].sum())
-            if M > buf.shape[0]:  # one reused buffer
-                buf = torch.empty((max(M, 2 * buf.shape[0]), d), dtype=torch.float32, device=xs.device)
-            cand = torch.cat([xs[off[p]:off[p + 1]] for p in cells], out=buf[:M]).to(dev, non_blocking=True)
-            cand_ids = torch.cat([perm_t[off[p]:off[p + 1]] for p in cells])
-            dn = cand.pow(2).sum(1) if metric == "l2" else None
-            searched += m * M
-            bq = rows_per_block(M * 12 + d * 8, work // 4, maximum=m)
-            for qs in range(0, m, bq):
-                qe = min(m, qs + bq)
-                sel, dist = search(xs[off[c] + qs:off[c] + qe].to(dev, non_blocking=True), cand, dn)
-                _write(out, perm[off[c] + qs:off[c] + qe], cand_ids[sel], dist, k, progress)
-
-        lap("join")
-
-        # 4. Requests the cap cut: grouped the other way round, by requested cell (a contiguous
-        #    slice of xs, no copy), each row's results merged into its row. Every row has then been
-        #    searched against all of its own nprobe cells, as per-query IVF probing would.
-        n_left = 0
-        if left_pos:
-            lp, lc = np.concatenate(left_pos), np.concatenate(left_cell)
-            n_left = int(lp.size)
-            order = np.argsort(lc, kind="stable")
-            lp, lc = lp[order], lc[order]
-            bounds = np.flatnonzero(np.diff(lc)) + 1
-            for pos, p in zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])]):
-                cand = xs[off[p]:off[p + 1]].to(dev, non_blocking=True)
-                dn = cand.pow(2).sum(1) if metric == "l2" else None
-                searched += pos.size * cand.shape[0]
-                pos_t = torch.from_numpy(pos).to(xs.device)
-                bq = rows_per_block(cand.shape[0] * 12 + d * 8, work // 4, maximum=pos.size)
-                for qs in range(0, pos.size, bq):
-                    sl = slice(qs, min(pos.size, qs + bq))
-                    sel, dist = search(xs[pos_t[sl]].to(dev, non_blocking=True), cand, dn)
-                    _merge_into(out, perm[pos[sl]], perm_t[off[p] + sel.to(dev)].cpu().numpy(), dist.cpu().numpy(), k)
-    lap("second_pass")
+        searched, n_left = batched_self_join(xs, req, counts, off, perm, cap=cap, k=k, kc=kc, metric=metric,
+                                             cdt=cdt, dev=dev, work=work, out=out, progress=progress, lap=lap)
+        lap("finish")
     info.update({"nlist": nlist, "nprobe": nprobe, "max_cell_probes": cap, "train_rows": ntrain, "niter": niter,
                  "kernel": kernel, "compute_dtype": str(cdt).replace("torch.", ""),
                  "cell_size_max": int(counts.max()), "cell_size_mean": float(n / max(1, int((counts > 0).sum()))),

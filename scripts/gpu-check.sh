@@ -10,7 +10,10 @@
 #
 # Each step fails soft: its exit status and time are recorded and the next step runs, so
 # one failing step never loses the others' results. Step time limits (seconds) can be
-# scaled with GPU_CHECK_SCALE (e.g. 0.5 for a shorter lease).
+# scaled with GPU_CHECK_SCALE (e.g. 0.5 for a shorter lease); GPU_CHECK_STEPS=a,b,... runs
+# only those steps (names: install nvidia-smi torch-device pytest-gpu target curve stream merge).
+# The benchmark workers log at INFO (k-NN phases, HAC rounds): their logs come back in
+# $OUT/worker-logs.txt.
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
@@ -40,6 +43,9 @@ limit() { "$PY" -c "print(max(5, int($1 * $SCALE)))"; }
 # step NAME LIMIT_S COMMAND...: run with a time limit, log its output, record rc and wall.
 step() {
   local name=$1 lim; lim=$(limit "$2"); shift 2
+  if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+    echo "=== [$name] skipped (GPU_CHECK_STEPS=$GPU_CHECK_STEPS)" | tee -a "$LOG"; return 0
+  fi
   # GPU_CHECK_FAIL_STEP=NAME makes that step fail (the dry-mode test proves the others survive).
   [ "${GPU_CHECK_FAIL_STEP:-}" = "$name" ] && set -- bash -c "echo 'forced failure (GPU_CHECK_FAIL_STEP)'; exit 3"
   echo "=== [$name] (limit ${lim}s) $*" | tee -a "$LOG"
@@ -54,7 +60,14 @@ print(json.dumps({"step": name, "rc": rc, "ok": rc == 0, "wall_s": round(t1 - t0
                   "timed_out": rc in (124, 137)}))
 EOF
   echo "=== [$name] rc=$rc" | tee -a "$LOG"
+  collect_logs
+  assemble
   return 0
+}
+
+# The workers' logs (k-NN phases, HAC rounds, tracebacks), one file.
+collect_logs() {
+  for f in "$DATA"/runs/*/*.log; do [ -f "$f" ] && { echo "##### $f"; tail -c 200000 "$f"; }; done > "$OUT/worker-logs.txt" 2>/dev/null
 }
 
 if [ "$DRY" = 1 ]; then
@@ -70,15 +83,60 @@ else
   # Pools that fill the card: 1M and 10M for k-NN + HAC, 100M rows for the streaming stages
   # (open, margin scoring, sampling). float16 d=128: the 100M pool is 25.6 GB on local disk.
   STREAM_ARGS=(--sizes 100000000 --graph-max 0 --d 128 --dtype float16 --classes 100
-               --total-cap 110 --ours-cap 100 --matmul-n 8192)
-  CURVE_ARGS=(--sizes 1000000,10000000 --graph-max 10000000 --d 128 --dtype float16 --classes 100
-              --total-cap 115 --ours-cap 100 --recall-queries 300 --matmul-n 8192)
+               --total-cap 100 --ours-cap 90 --matmul-n 8192)
+  CURVE_ARGS=(--sizes 100000,1000000,10000000 --graph-max 10000000 --d 128 --dtype float16 --classes 100
+              --total-cap 140 --ours-cap 110 --recall-queries 300 --matmul-n 8192)
   # The issue's GPU target: 10M x 256 float16, k=32, 1000 classes, 1M picked, from cold files,
   # plus the cached-cluster cycle (scoring + selection only).
-  TARGET_ARGS=(--sizes 10000000 --d 256 --dtype float16 --k 32 --classes 1000 --budget 1000000
-               --total-cap 170 --ours-cap 160 --recall-queries 300 --matmul-n 8192)
-  L_INSTALL=45; L_TESTS=60; L_CURVE=130; L_STREAM=130; L_TARGET=180
+  TARGET_ARGS=(--sizes 10000000 --graph-max 10000000 --d 256 --dtype float16 --k 32 --classes 1000 --budget 1000000
+               --total-cap 225 --ours-cap 215 --recall-queries 300 --matmul-n 8192)
+  L_INSTALL=45; L_TESTS=60; L_CURVE=150; L_STREAM=110; L_TARGET=235
 fi
+
+# One JSON for everything, rewritten after each step (a call cut short keeps what finished).
+assemble() {
+"$PY" - "$WORK" "$OUT/gpu-check.json" "$DRY" "${1:-quiet}" <<'EOF'
+import json, os, platform, sys, time, xml.etree.ElementTree as ET
+work, dest, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+final = sys.argv[4] == "final"
+def load(name):
+    p = os.path.join(work, name)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except Exception as e:
+        return {"missing": f"{name}: {type(e).__name__}: {e}"}
+out = {"check": "gpu-check", "dry": dry, "complete": final, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+       "host": platform.node(), "steps": [json.loads(l) for l in open(os.path.join(work, "steps.jsonl")) if l.strip()],
+       "torch": load("torch.json")}
+try:
+    out["nvidia_smi"] = open(os.path.join(work, "nvidia-smi.txt")).read()[-4000:]
+except OSError:
+    out["nvidia_smi"] = None
+try:
+    r = ET.parse(os.path.join(work, "pytest-gpu.xml")).getroot()
+    s = r if r.tag == "testsuite" else r.find("testsuite")
+    out["pytest_gpu"] = {k: int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    out["pytest_gpu"]["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in s.iter("testcase")
+                                   if c.find("failure") is not None or c.find("error") is not None]
+except Exception as e:
+    out["pytest_gpu"] = {"missing": f"{type(e).__name__}: {e}"}
+out["target"] = load("throughput_gpu_target.json")
+out["curve"] = load("throughput_gpu_curve.json")
+if "missing" in out["curve"]:  # the merge failed: keep the parts
+    out["curve"] = load("throughput_gpu.json")
+    out["stream"] = load("throughput_gpu_stream.json")
+out["targets"] = {**(out["target"].get("targets") or {}), **(out["curve"].get("targets") or {})}
+out["ok"] = all(s["ok"] for s in out["steps"])
+tmp = dest + ".tmp"
+with open(tmp, "w") as f:
+    json.dump(out, f, indent=1)
+os.replace(tmp, dest)
+if sys.argv[4] == "final":
+  print(json.dumps({"ok": out["ok"], "steps": [(s["step"], s["rc"], s["wall_s"]) for s in out["steps"]],
+                  "targets": out["targets"]}, indent=1))
+EOF
+}
 
 # ---- 1. install (editable, no dependencies: the machine has torch, numpy, scipy, sklearn)
 if [ "$DRY" = 1 ]; then
@@ -110,63 +168,25 @@ step pytest-gpu "$L_TESTS" bash -c "'$PY' -m pytest -m gpu -q -p no:cacheprovide
 
 # ---- 4. the issue's GPU targets, first: they matter most if the lease runs short
 step target "$L_TARGET" "$PY" benchmarks/throughput.py "${TARGET_ARGS[@]}" --device "$DEVICE" \
-  --generate-on "$DEVICE" --logits-on device --drop-cache --cycle --peers "" --tag gpu_target \
+  --generate-on "$DEVICE" --logits-on device --drop-cache --cycle --peers "" --tag gpu_target --log-level INFO \
   --data-dir "$DATA" --out-dir "$WORK" --no-plot
 
 # ---- 5. throughput curve at card-filling sizes, k-NN + HAC (no peers: FAISS is not installed there)
 step curve "$L_CURVE" "$PY" benchmarks/throughput.py "${CURVE_ARGS[@]}" --device "$DEVICE" \
-  --generate-on "$DEVICE" --logits-on device --cycle --peers "" --tag gpu \
+  --generate-on "$DEVICE" --logits-on device --cycle --peers "" --tag gpu --log-level INFO \
   --data-dir "$DATA" --out-dir "$WORK"
 
 # ---- 6. the streaming stages at the largest size (pool pass, margins of on-device logits, selection)
 step stream "$L_STREAM" "$PY" benchmarks/throughput.py "${STREAM_ARGS[@]}" --device "$DEVICE" \
-  --generate-on "$DEVICE" --logits-on device --cycle --peers "" --tag gpu_stream \
+  --generate-on "$DEVICE" --logits-on device --cycle --peers "" --tag gpu_stream --log-level INFO \
   --data-dir "$DATA" --out-dir "$WORK" --no-plot
 # One curve (JSON + plot) from both steps; fails soft like the rest.
 step merge 60 "$PY" benchmarks/throughput.py --merge "$WORK/throughput_gpu.json,$WORK/throughput_gpu_stream.json" \
   --tag gpu_curve --out-dir "$WORK"
 cp "$WORK/throughput_gpu_curve.png" "$OUT/throughput_gpu.png" 2>/dev/null || cp "$WORK/throughput_gpu.png" "$OUT/" 2>/dev/null
 
-# ---- 7. one JSON for everything (written even when steps failed)
-"$PY" - "$WORK" "$OUT/gpu-check.json" "$DRY" <<'EOF'
-import json, os, platform, sys, time, xml.etree.ElementTree as ET
-work, dest, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-def load(name):
-    p = os.path.join(work, name)
-    try:
-        with open(p) as f:
-            return json.load(f)
-    except Exception as e:
-        return {"missing": f"{name}: {type(e).__name__}: {e}"}
-out = {"check": "gpu-check", "dry": dry, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-       "host": platform.node(), "steps": [json.loads(l) for l in open(os.path.join(work, "steps.jsonl")) if l.strip()],
-       "torch": load("torch.json")}
-try:
-    out["nvidia_smi"] = open(os.path.join(work, "nvidia-smi.txt")).read()[-4000:]
-except OSError:
-    out["nvidia_smi"] = None
-try:
-    r = ET.parse(os.path.join(work, "pytest-gpu.xml")).getroot()
-    s = r if r.tag == "testsuite" else r.find("testsuite")
-    out["pytest_gpu"] = {k: int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    out["pytest_gpu"]["failed"] = [f"{c.get('classname')}::{c.get('name')}" for c in s.iter("testcase")
-                                   if c.find("failure") is not None or c.find("error") is not None]
-except Exception as e:
-    out["pytest_gpu"] = {"missing": f"{type(e).__name__}: {e}"}
-out["target"] = load("throughput_gpu_target.json")
-out["curve"] = load("throughput_gpu_curve.json")
-if "missing" in out["curve"]:  # the merge failed: keep the parts
-    out["curve"] = load("throughput_gpu.json")
-    out["stream"] = load("throughput_gpu_stream.json")
-out["targets"] = {**(out["target"].get("targets") or {}), **(out["curve"].get("targets") or {})}
-out["ok"] = all(s["ok"] for s in out["steps"])
-tmp = dest + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(out, f, indent=1)
-os.replace(tmp, dest)
-print(json.dumps({"ok": out["ok"], "steps": [(s["step"], s["rc"], s["wall_s"]) for s in out["steps"]],
-                  "targets": out["targets"]}, indent=1))
-EOF
+# ---- 7. the final JSON (written even when steps failed)
+assemble final
 echo "gpu-check: wrote $OUT/gpu-check.json (log: $LOG)"
 [ "${GPU_CHECK_KEEP_WORK:-0}" = 1 ] || [ -n "${GPU_CHECK_WORK:-}" ] || rm -rf "$WORK"
 exit 0

@@ -1,0 +1,120 @@
+"""The grouped search's batched self-join (CUDA, or a CPU without FAISS): its pieces against slow
+obvious references, and the whole search exact when every row requests every cell."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cm_engine import _knn_join as kj
+from cm_engine import _knn_torch
+from cm_engine.knn import finish_rows, knn_graph
+from test_knn import assert_same_neighbours, clustered
+
+
+def reference_probes(req, counts, cap):
+    """Per cell, in a plain loop: the non-empty cells its rows request, the cell itself first,
+    then by request count descending, then cell id; at most cap. And the requests left out."""
+    nlist = counts.size
+    off = np.concatenate([[0], np.cumsum(counts)])
+    probes = np.full((nlist, cap), -1, np.int64)
+    cut = np.zeros(req.shape, bool)
+    for c in range(nlist):
+        creq = req[off[c]:off[c + 1]]
+        if creq.size == 0:
+            continue
+        cnt = {}
+        for p in creq.ravel():
+            cnt[int(p)] = cnt.get(int(p), 0) + 1
+        order = sorted((p for p in cnt if counts[p] > 0), key=lambda p: (p != c, -cnt[p], p))[:cap]
+        probes[c, :len(order)] = order
+        cut[off[c]:off[c + 1]] = ~np.isin(creq, order) & (counts[creq] > 0)
+    return probes, cut
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_probe_table_matches_the_loop(cap):
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 6, 9)
+    counts[[0, 4]] = [3, 0]  # an empty cell that rows still request
+    own = np.repeat(np.arange(9), counts)
+    req = np.concatenate([own[:, None], rng.integers(0, 9, (own.size, 3))], 1)
+    want_p, want_cut = reference_probes(req, counts, cap)
+    got_p, got_cut = kj.probe_table(torch.from_numpy(req), torch.from_numpy(counts), cap)
+    np.testing.assert_array_equal(got_p.numpy(), want_p)
+    np.testing.assert_array_equal(got_cut.numpy(), want_cut)
+
+
+def test_finish_torch_matches_finish_rows():
+    """Ties by index, the row itself dropped (else the last), -1 last, padding when short."""
+    rng = np.random.default_rng(0)
+    m, c = 50, 7
+    rows = np.arange(100, 100 + m)
+    ci = rng.integers(95, 160, (m, c))
+    ci[::5, 2] = rows[::5]  # some rows list themselves
+    ci[::7, -1] = -1
+    cd = rng.integers(0, 4, (m, c)).astype(np.float32) / 4  # many ties
+    for k in (3, 6, 9):
+        want = finish_rows(rows, torch.from_numpy(ci), torch.from_numpy(cd), k)
+        got = kj.finish_torch(torch.from_numpy(rows), torch.from_numpy(ci), torch.from_numpy(cd), k)
+        np.testing.assert_array_equal(got[0].numpy(), want[0])
+        np.testing.assert_array_equal(got[1].numpy(), want[1])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_batched_search_matches_brute_force(metric):
+    """BatchedJoin.search: each unit's nearest candidates among its own (padded) candidate list."""
+    rng = np.random.default_rng(1)
+    xs = torch.from_numpy(rng.normal(size=(60, 5)).astype(np.float32))
+    if metric == "cosine":
+        xs = torch.nn.functional.normalize(xs, dim=1)
+    j = kj.BatchedJoin(xs, metric=metric, kc=4, cdt=torch.float32, dev=torch.device("cpu"), work=1 << 20)
+    qpos = torch.tensor([[0, 1, 2, -1], [10, 11, -1, -1]])
+    cpos = torch.tensor([[5, 6, 7, 8, 9, 20, -1], [30, 31, 32, -1, -1, -1, -1]])
+    pos, dist = j.search(qpos, cpos)
+    X = xs.double().numpy()
+    for b in range(2):
+        cand = cpos[b][cpos[b] >= 0].numpy()
+        for qi in qpos[b][qpos[b] >= 0].tolist():
+            d = (1 - X[cand] @ X[qi]) if metric == "cosine" else np.sqrt(((X[cand] - X[qi]) ** 2).sum(1))
+            want = cand[np.argsort(d, kind="stable")][:4]
+            row = list(qpos[b]).index(qi)
+            got = pos[b, row].numpy()
+            assert set(got[got >= 0]) == set(want[:len(cand)]), (b, qi)
+            np.testing.assert_allclose(np.sort(dist[b, row].numpy()[got >= 0]), np.sort(d)[:len(got[got >= 0])],
+                                       atol=1e-5)
+    assert (pos[1, :, 3] == -1).all() and torch.isinf(dist[1, :, 3]).all()  # 3 candidates for kc 4
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_batched_join_exact_with_small_units_and_batches(metric, monkeypatch):
+    """Every row requests every cell, a cell searches only itself: the cut requests' pass must
+    make the graph exact, with cells cut into many units and tiny batches (rows repeated
+    within a batch of cut requests are merged in rounds)."""
+    monkeypatch.setattr(_knn_torch, "_faiss_importable", lambda: False)
+    monkeypatch.setattr(kj, "_UNIT_ROWS", 16)
+    X = clustered(900)
+    g = knn_graph(X, k=6, metric=metric, backend="torch", exact=False, nlist=10, nprobe=10, max_cell_probes=1,
+                  budget_bytes=1 << 16)
+    assert g.info["cap_cut_requests"] > 900
+    assert_same_neighbours(g, X, 6, metric)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_batched_join_on_cuda(metric):
+    """On the card: exact when the cut requests cover every cell; the tuned search meets its
+    target in float16 on a larger pool (against the exact torch search on the card)."""
+    X = clustered(1500)
+    g = knn_graph(X, k=8, metric=metric, backend="torch", exact=False, nlist=12, nprobe=12, max_cell_probes=1,
+                  device="cuda")
+    assert g.info["cap_cut_requests"] > 1500
+    assert_same_neighbours(g, X, 8, metric)
+    Y = clustered(40000, d=64).astype(np.float16)
+    ex = knn_graph(Y, k=16, metric=metric, backend="torch", exact=True, device="cuda", compute_dtype="float32")
+    ap = knn_graph(Y, k=16, metric=metric, backend="torch", exact=False, device="cuda")
+    from cm_engine.knn import recall_at_k
+
+    assert ap.info["compute_dtype"] == "float16"
+    assert recall_at_k(ap, ex) >= 0.95 - 0.01
