@@ -21,7 +21,7 @@ SUMMARY_STRATEGIES = ("margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", 
 #: The uniform matrix the README reports (every dataset x clean/redundant x 5% and 10% batches): result files
 #: with another protocol, another strategy set or fewer seeds (more is fine) are still tabled, but marked and
 #: left out of the target counts.
-MATRIX = {"n_pool": 3000, "rounds": 6, "seeds": 6,
+MATRIX = {"n_pool": 3000, "rounds": 6, "seeds": 6, "train_rows": "sorted",
           "strategies": ("random", "margin", "coreset", "badge", "cm_1.25", "exact_cm_1.25", "cm_10", "exact_cm_10",
                          "margin_filter", "cm_1.25_filter", "cm_10_largest_g4")}
 MATRIX_REDUNDANT_ONLY = ("cm_10_largest_g4",)
@@ -33,6 +33,8 @@ def matrix_gap(r) -> str | None:
     gaps = []
     if r["pool"]["n_pool"] != MATRIX["n_pool"] or r["protocol"]["rounds"] != MATRIX["rounds"]:
         gaps.append(f"pool {r['pool']['n_pool']}, {r['protocol']['rounds']} rounds")
+    if r["protocol"].get("train_rows") != MATRIX["train_rows"]:
+        gaps.append("head fitted on rows in pick order")
     seeds = min((len(r["runs"][s]) for s in want if s in r["runs"]), default=0)
     if seeds < MATRIX["seeds"]:
         gaps.append(f"{seeds} of {MATRIX['seeds']} seeds")

@@ -65,6 +65,8 @@ STRATEGIES = {
 }
 REDUNDANT_ONLY = {"cm_10_largest_g4", "cm_10_labelaware_g4"}
 MEAN_SIZE, FINE_SIZE, K = 10, 4, 16
+#: how the head's training rows are ordered (train_rows); files without it fitted on rows in pick order
+TRAIN_ROWS = "sorted"
 
 log = logging.getLogger("quality")
 
@@ -275,6 +277,15 @@ def select(strategy, P, model, Xs, labeled, budget, seed):
     return cluster_margin(s, labels, budget, km_ratio=km, exclude=excl, seed=seed, order=order, label_aware=aware)
 
 
+def train_rows(Xs, y, labeled):
+    """The head's training rows for a labeled set: Xs [n, d] and y [n] at `labeled` in ascending index order.
+    L-BFGS on the same rows in another order ends at slightly different weights (float summation order),
+    and the loop amplifies that: margin and margin_filter (delta 0), which label the same set in different
+    pick orders, drifted up to 0.8 points apart over 6 rounds. Sorting makes the fit a function of the set."""
+    idx = np.sort(np.asarray(labeled))
+    return Xs[idx], y[idx]
+
+
 def run_pool(name, variant, args):
     P = prepare_pool(name, variant, args)
     log.info("%s/%s prepared: %s", name, variant, json.dumps(P["info"]))
@@ -302,9 +313,10 @@ def run_protocol(name, variant, args, P, batch_frac):
     source = {k: info[k] for k in ("engine_labels_sha", "hac_source_sha", "redundancy_source_sha",
                                    "redundancy_commit", "redundancy_modified")}
     source.update(git_commit=git_commit(), time_utc=utc_now())
-    fits = {}  # (seed, hash of the sorted labeled set) -> (model, acc): training is deterministic, and
-    # strategies often label the same set (the filter on a clean pool with delta 0 is plain margin; km-10
-    # orders agree in round 1), so an identical set is trained once
+    fits = {}  # (seed, hash of the sorted labeled set) -> (model, acc): the head is fitted on the labeled rows
+    # in index order (train_rows), so its fit is a function of the set alone; strategies often label the same
+    # set (the filter on a clean pool with delta 0 is plain margin; km-10 orders agree in round 1), so an
+    # identical set is trained once
     for seed in range(args.seeds):
         todo = [s for s in strategies if all(r["seed"] != seed for r in runs[s])]
         if not todo:
@@ -312,7 +324,7 @@ def run_protocol(name, variant, args, P, batch_frac):
         rng = np.random.default_rng(1000 + seed)
         seed_set = rng.choice(n, seed_n, replace=False)
         t = time.perf_counter()
-        m0 = H.train(Xs[seed_set], y[seed_set], C)
+        m0 = H.train(*train_rows(Xs, y, seed_set), C)
         acc0 = H.accuracy(m0, Xts, yt)
         for s in todo:
             labeled = seed_set.copy()
@@ -337,7 +349,7 @@ def run_protocol(name, variant, args, P, batch_frac):
                 t0 = time.perf_counter()
                 fk = (seed, _sha(np.sort(labeled)))
                 if fk not in fits:
-                    m = H.train(Xs[labeled], y[labeled], C)
+                    m = H.train(*train_rows(Xs, y, labeled), C)
                     fits[fk] = (m, H.accuracy(m, Xts, yt))
                 model, acc = fits[fk]
                 rec["train_s"].append(time.perf_counter() - t0)
@@ -370,6 +382,9 @@ def _kept_runs(name, variant, args, batch_frac, info, seed_n, budget, strategies
         raise SystemExit(f"--merge: {path} has another pool/protocol (seed set {pr['seed_set']}, budget "
                          f"{pr['budget']}, rounds {pr['rounds']}, pool {p['n_pool']}); expected {seed_n}, "
                          f"{budget}, {args.rounds}, {info['n_pool']}")
+    if pr.get("train_rows") != TRAIN_ROWS:  # its fits differ from this code's for the same labeled sets
+        raise SystemExit(f"--merge/--resume: {path} has train_rows {pr.get('train_rows')!r}, expected "
+                         f"{TRAIN_ROWS!r}; rerun without --merge/--resume")
     if args.resume and any(old.get("strategy_pool", {}).get(s, old["pool"]).get(k) != info[k] for s in strategies
                            if s in old["runs"] for k in ("engine_labels_sha", "exact_labels_sha")):
         raise SystemExit(f"--resume: {path} ran with another clustering of the pool; rerun without --resume")
@@ -392,7 +407,7 @@ def _write(name, variant, args, P, runs, strategies, seed_n, budget, batch_frac,
                         "seeds": min(len(v) for v in runs.values()), "seeds_planned": args.seeds, "seed_set": seed_n, "budget": budget, "features": "PCA-128 of the "
                         "dataset's embeddings (Fashion-MNIST: PCA-128 of pixels/255), fitted on unlabeled data",
                         "head": f"multinomial logistic regression, standardized features, L-BFGS max_iter "
-                        f"{H.MAX_ITER}, L2 {H.LAMBDA}, subnormals flushed", "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
+                        f"{H.MAX_ITER}, L2 {H.LAMBDA}, subnormals flushed", "train_rows": TRAIN_ROWS, "k": K, "mean_size": MEAN_SIZE, "fine_mean_size": FINE_SIZE},
            "pool": info, "strategies": {s: STRATEGIES[s] for s in strategies}, "runs": runs,
            "summary": summarize_runs(runs), "machine": machine_info(), "git_commit": git_commit(),
            "peak_rss_bytes": peak_rss_bytes(), "time_utc": utc_now(),
