@@ -324,9 +324,9 @@ class _Quantizer:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
         p1 = min(self.coarse_probes, self.C1.shape[0])
-        # rows per block: the candidate table [b, p1 * p] of keys and ids, and one group's scores
-        rows = rows_per_block(p1 * p * 12 + int(np.diff(self.goff).max()) * 4 * p1, self.work // 2,
-                              maximum=max(1, x.shape[0]))
+        # rows per block: the score table [b, p1 * w] (w: the largest group) and its temporaries
+        w = int(np.diff(self.goff).max())
+        rows = rows_per_block(p1 * w * 12 + p * 24, self.work // 2, maximum=max(1, x.shape[0]))
         for s in range(0, x.shape[0], rows):
             out[s:s + rows] = self._two_level(x[s:s + rows], p, p1)
         return out
@@ -345,24 +345,36 @@ class _Quantizer:
         return _key(x @ C.T, self.metric, cn).topk(kk, dim=1, largest=False)
 
     def _two_level(self, x: torch.Tensor, p: int, p1: int) -> np.ndarray:
+        """Each row's p nearest cells among the cells of its p1 nearest groups: every probed
+        group's scores in one row of a [b, p1, w] table (w: the largest group; +inf past a
+        group's cells), one matrix product per group, then ONE top-p per row over the table.
+        (Per-group top-p with FAISS, then a merge, was ~1.8x slower on the CPU: 20K rows x 16
+        groups of 198 cells, d = 64, one thread: 2.34 s against 1.32 s; small top-k calls are
+        dominated by their per-row overhead.)"""
         b = x.shape[0]
-        L = self._nearest(x, self.C1, self.c1n, p1)[1]  # [b, p1] nearest groups
-        # candidates per (row, probed group) pair, pair q = row * p1 + rank of the group
-        key = torch.full((b * p1, p), math.inf, device=x.device)
-        ids = torch.full((b * p1, p), -1, dtype=torch.int64, device=x.device)
-        flat = L.reshape(-1).to(x.device)
+        L = self._nearest(x, self.C1, self.c1n, p1)[1].to(x.device)  # [b, p1] nearest groups
+        w = int(np.diff(self.goff).max())
+        table = torch.empty((b * p1, w), dtype=torch.float32, device=x.device)  # row q = row * p1 + rank
+        flat = L.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.C1.shape[0]).cpu().numpy()
         ends = np.cumsum(counts)
         for g in np.flatnonzero(counts):
             pairs = order[ends[g] - counts[g]:ends[g]]
             c0, c1 = int(self.goff[g]), int(self.goff[g + 1])
-            kk = min(p, c1 - c0)
-            v, i = self._nearest(x[pairs // p1], self.C[c0:c1], None if self.cn is None else self.cn[c0:c1], kk)
-            key[pairs, :kk] = v.to(x.device)
-            ids[pairs, :kk] = i.to(x.device) + c0
-        pos = key.view(b, p1 * p).topk(p, dim=1, largest=False).indices  # sorted: nearest first
-        return ids.view(b, p1 * p).gather(1, pos).cpu().numpy()
+            key = _key(x.index_select(0, pairs // p1) @ self.C[c0:c1].T, self.metric,
+                       None if self.cn is None else self.cn[c0:c1])
+            if c1 - c0 < w:
+                key = torch.cat([key, torch.full((key.shape[0], w - (c1 - c0)), math.inf, device=x.device)], 1)
+            table.index_copy_(0, pairs, key)
+        kk = min(p, p1 * w)
+        v, pos = table.view(b, p1 * w).topk(kk, dim=1, largest=False)  # sorted: nearest first
+        goff = torch.from_numpy(self.goff).to(x.device)
+        ids = goff[L.gather(1, pos // w)] + pos % w
+        ids = torch.where(torch.isinf(v), torch.full_like(ids, -1), ids)
+        if kk < p:
+            ids = torch.cat([ids, torch.full((b, p - kk), -1, dtype=ids.dtype, device=ids.device)], 1)
+        return ids.cpu().numpy()
 
 
 def _kmeans_here(x: torch.Tensor, k: int, *, niter: int, seed: int, metric: str, work: int,
@@ -587,11 +599,20 @@ def _join_workers(xs: np.ndarray, req: np.ndarray, perm: np.ndarray, counts: np.
     def requested(job):
         pos, p = job
         sel, dist = _cell_search(xs[pos], xs[off[p]:off[p + 1]], **opts)
-        return perm[pos], perm[off[p] + sel], dist, pos.size * int(counts[p])
+        rows = perm[pos]
+        # Only candidates at or below a row's k-th distance can enter its list, so the merge (on
+        # this one thread: it was the second pass's bottleneck, 18 of 19 s at 1M) gets only those.
+        # Every row is finished by the join; merges only lower the k-th, so a k-th read while the
+        # main thread merges another job is at worst too high: a few more kept, none lost.
+        good = dist <= out[1][rows, k - 1][:, None]
+        hit = good.any(1)
+        ii = np.where(good[hit], perm[off[p] + sel[hit]], -1)
+        return rows[hit], ii, np.where(good[hit], dist[hit], np.float32(np.inf)), pos.size * int(counts[p])
 
     for rows, ii, dd, pairs in workers.map(requested, zip(np.split(lp, bounds), lc[np.concatenate([[0], bounds])])):
         searched += pairs
-        _merge_into(out, rows, ii, dd, k)
+        if rows.size:
+            _merge_into(out, rows, ii, dd, k)
     return searched, int(lp.size)
 
 
