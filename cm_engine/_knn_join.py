@@ -99,7 +99,8 @@ class BatchedJoin:
     def unit_bytes(self, m_rows: int, M) -> torch.Tensor:
         """Working bytes of a unit of m_rows queries against M candidates (tensor of M's)."""
         es = torch.empty((), dtype=self.cdt).element_size()
-        return M * (m_rows * (es + 4 + 4) + self.d * es + 16) + m_rows * self.kc * (self.d * 4 + 24) + m_rows * self.d * 8
+        per_candidate = m_rows * (es + 4 + 4) + self.d * es + 16  # scores, float key, the gathered row
+        return M * per_candidate + m_rows * self.kc * (self.d * 4 + 24) + m_rows * self.d * 8
 
     def search(self, qpos: torch.Tensor, cpos: torch.Tensor):
         """Queries qpos [B, Q] and candidates cpos [B, M] (positions in xs, -1 = padding), per unit
@@ -157,7 +158,8 @@ class BatchedJoin:
             lens = cs.reshape(-1)
             seg, within = _segments(lens)
             src = off[unit_cells[u].clamp(min=0).reshape(-1)][seg] + within
-            dst_start = (torch.cumsum(cs, 1) - cs).reshape(-1) + (torch.arange(B, device=self.dev) * Mmax).repeat_interleave(cs.shape[1])
+            unit_base = (torch.arange(B, device=self.dev) * Mmax).repeat_interleave(cs.shape[1])
+            dst_start = (torch.cumsum(cs, 1) - cs).reshape(-1) + unit_base
             cpos = torch.full((B * Mmax,), -1, dtype=torch.int64, device=self.dev)
             cpos[dst_start[seg] + within] = src
             cpos = cpos.reshape(B, Mmax)
