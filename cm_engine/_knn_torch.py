@@ -324,8 +324,10 @@ class _Quantizer:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
         p1 = min(self.coarse_probes, self.C1.shape[0])
-        # rows per block: the score table [b, p1 * w] (w: the largest group) and its temporaries
-        w = int(np.diff(self.goff).max())
+        # rows per block: the score table [b, W] (W: about p1 groups of twice the mean size; rows
+        # probe the larger groups more often) and its temporaries
+        sizes = np.diff(self.goff)
+        w = int(min(sizes.max(), 2 * sizes.mean() + 1))
         rows = rows_per_block(p1 * w * 12 + p * 24, self.work // 2, maximum=max(1, x.shape[0]))
         for s in range(0, x.shape[0], rows):
             out[s:s + rows] = self._two_level(x[s:s + rows], p, p1)
@@ -345,35 +347,41 @@ class _Quantizer:
         return _key(x @ C.T, self.metric, cn).topk(kk, dim=1, largest=False)
 
     def _two_level(self, x: torch.Tensor, p: int, p1: int) -> np.ndarray:
-        """Each row's p nearest cells among the cells of its p1 nearest groups: every probed
-        group's scores in one row of a [b, p1, w] table (w: the largest group; +inf past a
-        group's cells), one matrix product per group, then ONE top-p per row over the table.
+        """Each row's p nearest cells among the cells of its p1 nearest groups: a row's probed
+        groups' scores laid end to end in one row of a [b, W] table (W: the largest such sum in
+        the block; +inf beyond a row's own), one matrix product per group, then ONE top-p per row.
         (Per-group top-p with FAISS, then a merge, was ~1.8x slower on the CPU: 20K rows x 16
         groups of 198 cells, d = 64, one thread: 2.34 s against 1.32 s; small top-k calls are
         dominated by their per-row overhead.)"""
         b = x.shape[0]
-        L = self._nearest(x, self.C1, self.c1n, p1)[1].to(x.device)  # [b, p1] nearest groups
-        w = int(np.diff(self.goff).max())
-        table = torch.empty((b * p1, w), dtype=torch.float32, device=x.device)  # row q = row * p1 + rank
-        flat = L.reshape(-1)
+        dev = x.device
+        L = self._nearest(x, self.C1, self.c1n, p1)[1].to(dev)  # [b, p1] nearest groups
+        goff = torch.from_numpy(self.goff).to(dev)
+        sz = (goff[1:] - goff[:-1])[L]  # [b, p1] cells of each probed group
+        start = torch.cumsum(sz, 1) - sz  # where each probed group's scores start in its row
+        W = max(1, int(sz.sum(1).max()))
+        table = torch.full((b, W), math.inf, dtype=torch.float32, device=dev)
+        flat = L.reshape(-1)  # pair q = row * p1 + rank of the group
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.C1.shape[0]).cpu().numpy()
         ends = np.cumsum(counts)
         for g in np.flatnonzero(counts):
-            pairs = order[ends[g] - counts[g]:ends[g]]
             c0, c1 = int(self.goff[g]), int(self.goff[g + 1])
-            key = _key(x.index_select(0, pairs // p1) @ self.C[c0:c1].T, self.metric,
+            if c1 == c0:
+                continue
+            pairs = order[ends[g] - counts[g]:ends[g]]
+            rows = pairs // p1
+            key = _key(x.index_select(0, rows) @ self.C[c0:c1].T, self.metric,
                        None if self.cn is None else self.cn[c0:c1])
-            if c1 - c0 < w:
-                key = torch.cat([key, torch.full((key.shape[0], w - (c1 - c0)), math.inf, device=x.device)], 1)
-            table.index_copy_(0, pairs, key)
-        kk = min(p, p1 * w)
-        v, pos = table.view(b, p1 * w).topk(kk, dim=1, largest=False)  # sorted: nearest first
-        goff = torch.from_numpy(self.goff).to(x.device)
-        ids = goff[L.gather(1, pos // w)] + pos % w
+            at = (rows * W + start.view(-1)[pairs])[:, None] + torch.arange(c1 - c0, device=dev)[None, :]
+            table.view(-1).index_copy_(0, at.reshape(-1), key.reshape(-1))
+        kk = min(p, W)
+        v, pos = table.topk(kk, dim=1, largest=False)  # sorted: nearest first
+        j = torch.searchsorted(start, pos, right=True) - 1  # the probed group each position is in
+        ids = goff[L.gather(1, j)] + pos - start.gather(1, j)
         ids = torch.where(torch.isinf(v), torch.full_like(ids, -1), ids)
         if kk < p:
-            ids = torch.cat([ids, torch.full((b, p - kk), -1, dtype=ids.dtype, device=ids.device)], 1)
+            ids = torch.cat([ids, torch.full((b, p - kk), -1, dtype=ids.dtype, device=dev)], 1)
         return ids.cpu().numpy()
 
 

@@ -118,3 +118,34 @@ def test_batched_join_on_cuda(metric):
 
     assert ap.info["compute_dtype"] == "float16"
     assert recall_at_k(ap, ex) >= 0.95 - 0.01
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_two_level_table_search_matches_a_loop(metric):
+    """_Quantizer two-level search (the score table with a row's groups end to end): each row's p
+    nearest cells among the cells of its p1 nearest groups, with an empty group and groups of
+    uneven sizes; fewer reachable cells than p give -1 (pad=False) or the nearest cell (pad)."""
+    from cm_engine.knn import _prep
+
+    rng = np.random.default_rng(5)
+    C = _prep(torch.from_numpy(rng.normal(size=(23, 6)).astype(np.float32)), metric)
+    C1 = _prep(torch.from_numpy(rng.normal(size=(5, 6)).astype(np.float32)), metric)
+    goff = np.array([0, 9, 9, 12, 13, 23])  # group 1 is empty, group 3 has one cell
+    qz = _knn_torch._Quantizer(C, metric, work=1 << 12, C1=C1, goff=goff)  # tiny work: many blocks
+    qz.coarse_probes = 2
+    x = _prep(torch.from_numpy(rng.normal(size=(200, 6)).astype(np.float32)), metric)
+    X, Cd, C1d = x.double().numpy(), C.double().numpy(), C1.double().numpy()
+
+    def dist(a, B):
+        return -(B @ a) if metric == "cosine" else ((B - a) ** 2).sum(1)
+
+    for p in (3, 12):
+        got = qz.search(x, p, pad=False)
+        for r in range(len(X)):
+            groups = np.argsort(dist(X[r], C1d), kind="stable")[:2]
+            cells = np.concatenate([np.arange(goff[g], goff[g + 1]) for g in groups])
+            want = cells[np.argsort(dist(X[r], Cd[cells]), kind="stable")][:p]
+            assert list(got[r][got[r] >= 0]) == list(want), (p, r)
+            assert (got[r][len(want):] == -1).all()
+        padded = qz.search(x, p)
+        assert (padded >= 0).all() and (padded[:, 0] == got[:, 0]).all()
