@@ -824,16 +824,18 @@ def _spawn(cfg, timeout, run_dir):
     cfg = dict(cfg, result_path=str(rp))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     log_path = rp.with_suffix(".log")  # the worker's stdout + stderr, kept even when it is killed
+
+    def log_tail():
+        return log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as lf:
-            proc = subprocess.run(cmd, timeout=timeout, stdout=lf, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, timeout=timeout, stdout=lf, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - t0
-        proc.stderr = log_path.read_text(errors="replace")[-4000:]
     except subprocess.TimeoutExpired:
         res = json.loads(rp.read_text()) if rp.exists() else {"method": cfg["method"], "n": cfg["n"]}
-        res.update(wall=f"timeout (> {timeout:.0f} s)", process_s=time.perf_counter() - t0,
-                   log_tail=log_path.read_text(errors="replace")[-2000:] if log_path.exists() else None)
+        res.update(wall=f"timeout (> {timeout:.0f} s)", process_s=time.perf_counter() - t0, log_tail=log_tail())
         if res.get("running"):
             res.setdefault("status", {})[res["running"]] = f"timeout (> {timeout:.0f} s for the whole run)"
         return res
@@ -841,12 +843,12 @@ def _spawn(cfg, timeout, run_dir):
         res = json.loads(rp.read_text())
     else:
         res = {"method": cfg["method"], "n": cfg["n"], "error": f"worker exited {proc.returncode} without a result",
-               "stderr_tail": proc.stderr[-2000:]}
+               "stderr_tail": log_tail()}
         if proc.returncode in (-9, 137):
             res["wall"] = "OOM (killed)"
     res["process_s"] = wall
     if proc.returncode != 0 and "stderr_tail" not in res:
-        res["stderr_tail"] = proc.stderr[-2000:]
+        res["stderr_tail"] = log_tail()
     return res
 
 

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ._device import rows_per_block
+from .knn import finish_torch
 
 #: Query rows per unit: a cell's queries are cut into chunks of at most this many rows, so a
 #: batch pads each unit to at most this many rows (cells average ~256 rows, with a long tail).
@@ -254,26 +255,3 @@ def batched_self_join(xs: torch.Tensor, req, counts, off, perm, *, cap: int, k: 
         out[1][s:e] = dd.cpu().numpy()
     return searched, n_left
 
-
-def finish_torch(rows: torch.Tensor, cand_i: torch.Tensor, cand_d: torch.Tensor, k: int):
-    """`knn.finish_rows` on the device: sort candidates by (distance, index), drop the row itself
-    (else the last), keep k. rows [m], cand_i [m, c] int64 (-1 missing), cand_d [m, c] float32.
-    Returns (indices [m, k] int64, distances [m, k] float32; -1 / inf where missing)."""
-    cand_d = torch.where(cand_i < 0, torch.full_like(cand_d, math.inf), cand_d)
-    o = torch.argsort(cand_i, dim=1, stable=True)
-    cand_i, cand_d = cand_i.gather(1, o), cand_d.gather(1, o)
-    o = torch.argsort(cand_d, dim=1, stable=True)
-    cand_i, cand_d = cand_i.gather(1, o), cand_d.gather(1, o)
-    m, c = cand_i.shape
-    is_self = cand_i == rows[:, None]
-    has = is_self.any(1)
-    drop = torch.where(has, is_self.int().argmax(1), torch.full_like(rows, c - 1))
-    keep = torch.arange(c, device=cand_i.device)[None, :] != drop[:, None]
-    ii = cand_i[keep].reshape(m, c - 1)[:, :k]
-    dd = cand_d[keep].reshape(m, c - 1)[:, :k]
-    if ii.shape[1] < k:
-        pad = k - ii.shape[1]
-        ii = torch.cat([ii, torch.full((m, pad), -1, dtype=ii.dtype, device=ii.device)], 1)
-        dd = torch.cat([dd, torch.full((m, pad), math.inf, dtype=dd.dtype, device=dd.device)], 1)
-    dd = torch.where(ii < 0, torch.full_like(dd, math.inf), dd)
-    return ii, dd

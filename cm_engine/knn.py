@@ -397,23 +397,39 @@ def exact_distances(q: torch.Tensor, cand: torch.Tensor, metric: str) -> torch.T
 
 
 def finish_rows(rows: np.ndarray, cand_i: torch.Tensor, cand_d: torch.Tensor, k: int):
-    """Sort candidates by distance, drop the row itself (else the last), keep k.
+    """`finish_torch`, returned as numpy: rows [m] int64 pool indices of the queries; cand_i
+    [m, c] int64 (-1 missing), cand_d [m, c] float32. Returns (indices [m, k] int64, distances
+    [m, k] float32)."""
+    ii, dd = finish_torch(torch.as_tensor(np.asarray(rows, np.int64), device=cand_i.device), cand_i, cand_d, k)
+    return ii.cpu().numpy(), dd.cpu().numpy()
 
-    rows [m] int64 pool indices of the queries; cand_i [m, c] int64 (-1 missing), cand_d [m, c]
-    float32 (inf for missing). Returns numpy (indices [m, k] int64, distances [m, k] float32).
-    """
+
+def finish_torch(rows: torch.Tensor, cand_i: torch.Tensor, cand_d: torch.Tensor, k: int):
+    """Sort candidates by (distance, index), drop the row itself (else the last), keep k, on the
+    candidates' device. rows [m] int64 tensor, cand_i [m, c] int64 (-1 missing), cand_d [m, c]
+    float32. Returns tensors (indices [m, k] int64, distances [m, k] float32; -1 / inf where missing)."""
     cand_d = torch.where(cand_i < 0, torch.full_like(cand_d, math.inf), cand_d)
-    # Stable sort on (distance, index) so that ties come out in a deterministic order.
-    order = torch.argsort(cand_i, dim=1, stable=True)
-    cand_i, cand_d = cand_i.gather(1, order), cand_d.gather(1, order)
-    order = torch.argsort(cand_d, dim=1, stable=True)
-    cand_i, cand_d = cand_i.gather(1, order), cand_d.gather(1, order)
-    ii, dd = cand_i.cpu().numpy(), cand_d.cpu().numpy()
-    return drop_self(np.asarray(rows, np.int64), ii, dd, k)
+    o = torch.argsort(cand_i, dim=1, stable=True)
+    cand_i, cand_d = cand_i.gather(1, o), cand_d.gather(1, o)
+    o = torch.argsort(cand_d, dim=1, stable=True)
+    cand_i, cand_d = cand_i.gather(1, o), cand_d.gather(1, o)
+    m, c = cand_i.shape
+    is_self = cand_i == rows[:, None]
+    has = is_self.any(1)
+    drop = torch.where(has, is_self.int().argmax(1), torch.full_like(rows, c - 1))
+    keep = torch.arange(c, device=cand_i.device)[None, :] != drop[:, None]
+    ii = cand_i[keep].reshape(m, c - 1)[:, :k]
+    dd = cand_d[keep].reshape(m, c - 1)[:, :k]
+    if ii.shape[1] < k:
+        pad = k - ii.shape[1]
+        ii = torch.cat([ii, torch.full((m, pad), -1, dtype=ii.dtype, device=ii.device)], 1)
+        dd = torch.cat([dd, torch.full((m, pad), math.inf, dtype=dd.dtype, device=dd.device)], 1)
+    dd = torch.where(ii < 0, torch.full_like(dd, math.inf), dd)
+    return ii, dd
 
 
 def finish_rows_np(rows: np.ndarray, cand_i: np.ndarray, cand_d: np.ndarray, k: int):
-    """`finish_rows` in numpy (same result): for worker threads, where torch ops would wake
+    """`finish_torch` in numpy (same result): for worker threads, where torch ops would wake
     torch's thread pool. cand_i [m, c] int64 (-1 missing), cand_d [m, c] float32."""
     cand_d = np.where(cand_i < 0, np.float32(np.inf), cand_d)
     order = np.lexsort((cand_i, cand_d), axis=1)  # by distance, ties by index

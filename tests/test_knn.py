@@ -256,7 +256,8 @@ def test_two_level_grouped_search_recall(no_faiss, coarse_probes, monkeypatch):
 
 
 def test_numpy_finish_rows_and_split_knn_match_their_references():
-    """finish_rows_np == finish_rows (ties by index, self dropped, -1 last); the workers' knn
+    """finish_rows_np == finish_rows (torch; ties by index, self dropped, -1 last, padded when
+    short); the workers' knn
     (torch tiles, the database split) == one faiss.knn."""
     import faiss
 
@@ -268,10 +269,11 @@ def test_numpy_finish_rows_and_split_knn_match_their_references():
     ci = rng.integers(-1, 200, size=(100, 12))
     ci[::7, 3] = rows[::7]  # the row itself among its candidates
     cd = rng.integers(0, 5, size=(100, 12)).astype(np.float32) / 4  # many ties
-    want = finish_rows(rows, torch.from_numpy(ci), torch.from_numpy(cd), 6)
-    got = finish_rows_np(rows, ci, cd, 6)
-    for w, g in zip(want, got):
-        np.testing.assert_array_equal(w, g)
+    for k in (6, 12):  # 12 > the 11 candidates left once the row itself is dropped: padded
+        want = finish_rows(rows, torch.from_numpy(ci), torch.from_numpy(cd), k)
+        got = finish_rows_np(rows, ci, cd, k)
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w, g)
     X = data(n=500, d=16)
     with _Workers(3) as ex:
         for mt in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):

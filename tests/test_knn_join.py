@@ -8,7 +8,7 @@ import torch
 
 from cm_engine import _knn_join as kj
 from cm_engine import _knn_torch
-from cm_engine.knn import finish_rows, knn_graph
+from cm_engine.knn import knn_graph
 from test_knn import assert_same_neighbours, clustered
 
 
@@ -43,22 +43,6 @@ def test_probe_table_matches_the_loop(cap):
     got_p, got_cut = kj.probe_table(torch.from_numpy(req), torch.from_numpy(counts), cap)
     np.testing.assert_array_equal(got_p.numpy(), want_p)
     np.testing.assert_array_equal(got_cut.numpy(), want_cut)
-
-
-def test_finish_torch_matches_finish_rows():
-    """Ties by index, the row itself dropped (else the last), -1 last, padding when short."""
-    rng = np.random.default_rng(0)
-    m, c = 50, 7
-    rows = np.arange(100, 100 + m)
-    ci = rng.integers(95, 160, (m, c))
-    ci[::5, 2] = rows[::5]  # some rows list themselves
-    ci[::7, -1] = -1
-    cd = rng.integers(0, 4, (m, c)).astype(np.float32) / 4  # many ties
-    for k in (3, 6, 9):
-        want = finish_rows(rows, torch.from_numpy(ci), torch.from_numpy(cd), k)
-        got = kj.finish_torch(torch.from_numpy(rows), torch.from_numpy(ci), torch.from_numpy(cd), k)
-        np.testing.assert_array_equal(got[0].numpy(), want[0])
-        np.testing.assert_array_equal(got[1].numpy(), want[1])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
