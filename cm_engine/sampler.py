@@ -18,8 +18,15 @@ candidates, in cluster order. Two kernels compute it:
   permutation of the candidates, a stable argsort by cluster position (random order inside each
   cluster), the (rank, position) key, and an argpartition + sort of only the first `budget` keys.
 
-Both give every admissible outcome the paper's probabilities, but they consume the seed's random
-stream differently, so the exact picks for one seed differ between them. Which one runs depends
+The randomness is tied to the clusters, not to their label values: the tie-break among clusters
+equal under the order's key is a hash of (seed, the cluster's smallest candidate index), and so is
+each cluster's own random stream in the numba kernel (the numpy kernel's one permutation of the
+candidates is already label-free). So the picks are a function of the partition of the candidates:
+two clusterings that find the same partition under different numbering (the engine's HAC and
+scipy's exact linkage, say) pick the same points for the same seed, and a cluster both find is
+treated alike even where the rest differs. Label values never act as a tie-break.
+
+Both kernels give every admissible outcome the paper's probabilities, but they draw differently, so the exact picks for one seed differ between them. Which one runs depends
 only on the number of candidates and on numba being installed, so one input and seed always give
 the same picks on one installation. numba is a hard dependency of the package; the numpy kernel is
 the small-input path, the fallback, and a second implementation for the tests.
@@ -84,8 +91,9 @@ def round_robin(candidates, labels, budget, *, seed=0, order="smallest", labeled
                 "smallest" (the paper's, default): fewest candidates first;
                 "largest": most candidates first;
                 "random": a seeded random permutation of the clusters.
-                Clusters equal under the order's key are ordered by a seeded random permutation,
-                never by label.
+                Clusters equal under the order's key are ordered at random (seeded), never by
+                label; the picks depend on the partition only, not on the label values (see the
+                module docstring).
     labeled:    optional int pool indices of already-labeled points (duplicates allowed). When
                 given, the order is label-aware: clusters whose pool members include no labeled
                 point come first, then the others; inside each of these two groups the `order` key
@@ -118,28 +126,33 @@ def _round_robin(cand, labels, budget, rng, *, order="smallest", labeled=None, k
     m = cand.size
     if m == 0 or budget == 0:
         return np.zeros(0, dtype=np.int64)
+    if kernel == "auto":
+        kernel = "numba" if HAVE_NUMBA and m >= NUMBA_MIN_CANDIDATES else "numpy"
     lab = labels[cand]
-    key, counts, has_lab = _dense_clusters(lab, labels, labeled)
-    pos_of = _cluster_positions(counts, has_lab, order, rng)  # cluster id -> position in the order
+    key, counts, has_lab, ident = _dense_clusters(lab, labels, labeled, cand, numba=kernel == "numba")
+    salt_order, salt_pick = (np.uint64(x) for x in rng.integers(0, 2**63 - 1, size=2, dtype=np.int64))
+    pos_of = _cluster_positions(counts, has_lab, order, mix64(ident ^ salt_order))  # cluster id -> position
     cnt_pos = np.empty_like(counts)
     cnt_pos[pos_of] = counts  # counts in visiting order
     seg_start = np.zeros(cnt_pos.size, dtype=np.int64)
     np.cumsum(cnt_pos[:-1], out=seg_start[1:])
     pass_start, rstar, rem, n_out = _cut(counts, budget)
-    if kernel == "auto":
-        kernel = "numba" if HAVE_NUMBA and m >= NUMBA_MIN_CANDIDATES else "numpy"
     if kernel == "numba":
-        seed = int(rng.integers(0, 2**63 - 1, dtype=np.int64))
-        return _rr_numba()(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed)
+        stream = np.empty(counts.size, dtype=np.uint64)
+        stream[pos_of] = mix64(ident ^ salt_pick)  # each cluster's own random stream, in visiting order
+        return _rr_numba(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, stream)
     return _rr_numpy(cand, key, pos_of, cnt_pos, seg_start, n_out, rng)
 
 
-def _dense_clusters(lab, labels, labeled):
+def _dense_clusters(lab, labels, labeled, cand, *, numba=False):
     """Map candidate labels to cluster ids.
 
-    Returns (key [m], counts [K], has_lab [K] or None): cluster id of candidate i is key[i] through
-    the caller's lookup (key is the label itself when labels are dense enough for a bincount, else
-    the np.unique inverse, so ids are 0..K-1 and counts are indexed by them).
+    Returns (key [m], counts [K], has_lab [K] or None, ident uint64 [K]): cluster id of candidate i
+    is key[i] through the caller's lookup (key is the label itself when labels are dense enough for a
+    bincount, else the np.unique inverse, so ids are 0..K-1 and counts are indexed by them). ident is
+    each cluster's smallest candidate pool index: its identity, independent of its label. The random
+    tie-break and the random picks inside a cluster are drawn from hashes of it, so the picks are a
+    function of the partition of the candidates, not of how the clustering numbered its clusters.
     """
     m = lab.size
     top = int(lab.max()) + 1
@@ -157,7 +170,7 @@ def _dense_clusters(lab, labels, labeled):
             ll = labels[labeled]
             marks[ll[ll < top]] = True
             has_lab = marks[present]
-        return _Composed(lab, ids), counts, has_lab
+        return _Composed(lab, ids), counts, has_lab, _group_min(lab, cand, top, numba)[present]
     uniq, inv = np.unique(lab, return_inverse=True)
     counts = np.bincount(inv, minlength=uniq.size)
     if labeled is not None:
@@ -167,7 +180,8 @@ def _dense_clusters(lab, labels, labeled):
         ok[ok] = uniq[j[ok]] == ll[ok]
         has_lab = np.zeros(uniq.size, dtype=np.bool_)
         has_lab[j[ok]] = True
-    return _Composed(inv.reshape(-1).astype(np.int64, copy=False), None), counts, has_lab
+    inv = inv.reshape(-1).astype(np.int64, copy=False)
+    return _Composed(inv, None), counts, has_lab, _group_min(inv, cand, uniq.size, numba)
 
 
 class _Composed:
@@ -179,18 +193,37 @@ class _Composed:
         self.raw, self.table = raw, table
 
 
-def _cluster_positions(counts, has_lab, order, rng) -> np.ndarray:
-    """Position of each cluster in the visiting order (int64 [K])."""
+def _group_min(group, val, size, numba) -> np.ndarray:
+    """out[g] = min(val[group == g]) (uint64 [size]; the int64 maximum where a group is empty)."""
+    if numba:
+        return _numba_kernels()["group_min"](group, val, size).view(np.uint64)
+    out = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(out, group, val)
+    return out.view(np.uint64)
+
+
+def mix64(x) -> np.ndarray:
+    """splitmix64's finalizer on uint64 values: a bijection whose outputs look independent and uniform."""
+    z = np.asarray(x, dtype=np.uint64).copy()
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def _cluster_positions(counts, has_lab, order, tie) -> np.ndarray:
+    """Position of each cluster in the visiting order (int64 [K]); tie: uint64 [K] random tie-break keys."""
     K = counts.size
-    tie = rng.permutation(K)  # uniform random tie-break: never the label
-    keys = [tie]
+    keys = [tie]  # uniform random tie-break: never the label
     if order == "smallest":
         keys.append(counts)
     elif order == "largest":
         keys.append(-counts)
     if has_lab is not None:
         keys.append(has_lab.astype(np.int8))  # 0 (no labeled point) first
-    seq = np.lexsort(keys) if len(keys) > 1 else tie  # lexsort: last key is primary
+    seq = np.lexsort(keys)  # lexsort: last key is primary
     pos = np.empty(K, dtype=np.int64)
     pos[seq] = np.arange(K, dtype=np.int64)
     return pos
@@ -247,28 +280,37 @@ def _stable_argsort_uint(x, maxval: int) -> np.ndarray:
     return order
 
 
-_NUMBA_KERNEL = None
+_NUMBA_KERNEL: dict | None = None
 
 
-def _rr_numba():
-    """Compile the numba kernel on first use (cached on disk by numba)."""
+def _numba_kernels() -> dict:
+    """Compile the numba kernels on first use (cached on disk by numba)."""
     global _NUMBA_KERNEL
     if _NUMBA_KERNEL is None:
-        _NUMBA_KERNEL = _build_numba_kernel()
-    return _wrap_numba
+        _NUMBA_KERNEL = _build_numba_kernels()
+    return _NUMBA_KERNEL
 
 
-def _wrap_numba(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed):
+def _rr_numba(cand, key, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, stream):
     table = key.table if key.table is not None else np.arange(0, dtype=np.int64)
-    return _NUMBA_KERNEL(cand, key.raw, table, key.table is not None, pos_of, cnt_pos, seg_start,
-                         pass_start, rstar, rem, n_out, np.uint64(seed))
+    return _numba_kernels()["rr"](cand, key.raw, table, key.table is not None, pos_of, cnt_pos, seg_start,
+                                  pass_start, rstar, rem, n_out, stream)
 
 
-def _build_numba_kernel():
+def _build_numba_kernels():
     from numba import njit
 
     @njit(cache=True, nogil=True)
-    def kernel(cand, raw, table, use_table, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, seed):
+    def group_min(group, val, size):
+        out = np.full(size, np.iinfo(np.int64).max, dtype=np.int64)
+        for i in range(group.size):
+            g, v = group[i], val[i]
+            if v < out[g]:
+                out[g] = v
+        return out
+
+    @njit(cache=True, nogil=True)
+    def kernel(cand, raw, table, use_table, pos_of, cnt_pos, seg_start, pass_start, rstar, rem, n_out, stream):
         m = cand.size
         K = cnt_pos.size
         # 1. stable counting pass: candidates grouped by cluster position
@@ -287,11 +329,11 @@ def _build_numba_kernel():
         out = np.empty(n_out, dtype=np.int64)
         nxt = pass_start.copy()
         last_end = pass_start[rstar] + rem  # pass rstar only takes its first `rem` clusters
-        state = seed
         inv53 = 1.0 / 9007199254740992.0
         for p in range(K):
             c = cnt_pos[p]
             s = seg_start[p]
+            state = stream[p]  # the cluster's own stream: its picks do not depend on other clusters
             full = min(c, rstar)
             take = full
             if c > rstar and nxt[rstar] < last_end:
@@ -315,4 +357,4 @@ def _build_numba_kernel():
                 nxt[j] += 1
         return out
 
-    return kernel
+    return {"rr": kernel, "group_min": group_min}

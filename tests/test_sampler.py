@@ -358,3 +358,57 @@ def test_auto_kernel_choice_is_a_function_of_the_input_size():
 def test_radix_argsort_is_stable_argsort(maxval):
     x = np.random.default_rng(maxval % 97).integers(0, maxval + 1, 5_000)
     assert np.array_equal(sampler._stable_argsort_uint(x, maxval), np.argsort(x, kind="stable"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the picks depend on the partition, not on the label values
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("order", ["smallest", "largest", "random"])
+@pytest.mark.parametrize("aware", [False, True])
+def test_picks_are_a_function_of_the_partition(kernel, order, aware):
+    """Renumbering the clusters (a permutation of the label values, or sparse huge values that take the
+    np.unique path) changes no pick: the engine's HAC and an exact linkage that find the same partition
+    must select the same points for one seed."""
+    rng = np.random.default_rng(7)
+    for trial in range(6):
+        n = int(rng.integers(50, 600))
+        labels = random_pool(rng, n, int(rng.integers(2, 60)))
+        cands = rng.choice(n, size=int(rng.integers(1, n + 1)), replace=False)
+        labeled = rng.choice(n, size=n // 5, replace=False) if aware else None
+        renumber = rng.permutation(int(labels.max()) + 1)
+        for other in (renumber[labels], renumber[labels] * 1_000_003 + 11):
+            for budget in (1, cands.size // 3, cands.size):
+                a = rr(cands, labels, budget, trial, kernel=kernel, order=order, labeled=labeled)
+                b = rr(cands, other, budget, trial, kernel=kernel, order=order, labeled=labeled)
+                assert np.array_equal(a, b)
+
+
+def test_a_cluster_both_partitions_share_is_picked_alike():
+    """numba kernel: a cluster's picks come from its own stream, so where two partitions differ only in
+    other clusters (one split in two), the shared clusters' picks are the same points, in the same order."""
+    if not sampler.HAVE_NUMBA:
+        pytest.skip("numba kernel")
+    sizes = [40, 30, 20, 60]
+    a = np.repeat(np.arange(4), sizes)
+    b = a.copy()
+    b[a == 3] = 4 + (np.arange(60) % 2)  # cluster 3 split in two (30 + 30) in the other partition
+    cands = np.random.default_rng(0).permutation(a.size)
+    for seed in range(5):
+        pa = rr(cands, a, 100, seed, kernel="numba", order="smallest")
+        pb = rr(cands, b, 100, seed, kernel="numba", order="smallest")
+        for c in range(3):  # clusters 0..2 are in both partitions, with the same members
+            assert pa[a[pa] == c].tolist()[:20] == pb[b[pb] == c].tolist()[:20]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_cluster_ident_is_the_smallest_candidate(kernel):
+    rng = np.random.default_rng(3)
+    for huge in (False, True):
+        labels = random_pool(rng, 500, 40, huge_labels=huge)
+        cands = rng.choice(500, size=300, replace=False)
+        key, counts, _, ident = sampler._dense_clusters(labels[cands], labels, None, cands, numba=kernel == "numba")
+        ids = key.raw if key.table is None else key.table[key.raw]
+        ref = [min(int(c) for c, i in zip(cands, ids) if i == k) for k in range(counts.size)]
+        assert ident.dtype == np.uint64 and ident.tolist() == ref
