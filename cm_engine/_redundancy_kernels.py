@@ -208,17 +208,43 @@ def chunk(win, key, base, ind, dist, delta, flag, cpos, state, off_old, nbj_old)
 def select_range(s, elig, t1, i1, t2):
     # eligible i with (s[i], i) > (t1, i1) and s[i] <= t2, ascending. Branch-free (the condition
     # is unpredictable): every index is stored, its slot kept only where the condition holds. The
-    # buffer is sized for all N but only the pages of the kept slots are ever touched.
-    use = elig.size > 0
-    out = np.empty(s.size + 1, dtype=np.int64)
+    # buffer is sized for all N but only the pages of the kept slots are ever touched. The key
+    # test splits at i1 (i <= i1: s[i] > t1; i > i1: s[i] >= t1) so that each loop is one plain
+    # comparison chain; a first window (t1 = -inf, i1 < 0) needs s[i] <= t2 alone (every value,
+    # -inf included, is >= -inf; NaN fails s[i] <= t2 either way).
+    n = s.size
+    out = np.empty(n + 1, dtype=np.int64)
+    lo = min(max(i1 + 1, 0), n)
     m = 0
-    for i in range(s.size):
-        v = s[i]
-        ok = (v <= t2) & ((v > t1) | ((v == t1) & (i > i1)))
-        if use:
-            ok = ok & elig[i]
-        out[m] = i
-        m += ok
+    if elig.size > 0:
+        e = elig.view(np.uint8)
+        if lo == 0 and t1 == -np.inf:
+            for i in range(n):
+                out[m] = i
+                m += np.uint8(s[i] <= t2) & e[i]
+        else:
+            for i in range(lo):
+                v = s[i]
+                out[m] = i
+                m += np.uint8((v > t1) & (v <= t2)) & e[i]
+            for i in range(lo, n):
+                v = s[i]
+                out[m] = i
+                m += np.uint8((v >= t1) & (v <= t2)) & e[i]
+    else:
+        if lo == 0 and t1 == -np.inf:
+            for i in range(n):
+                out[m] = i
+                m += s[i] <= t2
+        else:
+            for i in range(lo):
+                v = s[i]
+                out[m] = i
+                m += (v > t1) & (v <= t2)
+            for i in range(lo, n):
+                v = s[i]
+                out[m] = i
+                m += (v >= t1) & (v <= t2)
     return out[:m].copy()
 
 
@@ -323,7 +349,7 @@ def build_table(ind, dist, delta):
 def compact_mark_labeled(lab, cid, flag):
     # In the table's compact ids (cid[pool index], -1 without near-copies): flag 1 for labeled
     # points. Their near-copies are not marked here: a candidate's own list (symmetric table)
-    # shows a labeled near-copy when the walk reads it (`near_labeled`), so the labeled points'
+    # shows a labeled near-copy when the walk reads it (`compact_chunk`), so the labeled points'
     # lists are never read. Labeled points are random rows: compact ids prefetched ahead.
     m = lab.size
     for i in range(m):
@@ -347,8 +373,22 @@ def sample_stats(rows, s, offsets, neighbours, cid, off, nb, flag):
     # per pool row, before any chunk (flag: 0 or 1 = labeled): -1 if labeled or a near-copy of a
     # labeled point, else how many of its near-copies (pool table offsets/neighbours) have a lower
     # (s, index) key and are neither
+    # (rows are spread over the pool: each one's reads are misses, prefetched in two stages: its
+    # table offsets, compact id and score 2D rows ahead, then its list and compact offsets D ahead)
     out = np.zeros(rows.size, dtype=np.int64)
-    for p in range(rows.size):
+    m = rows.size
+    for p in range(m):
+        if p + 2 * D < m:
+            a2 = rows[p + 2 * D]
+            prefetch_row(offsets, a2)
+            prefetch_row(cid, a2)
+            prefetch_row(s, a2)
+        if p + D < m:
+            a1 = rows[p + D]
+            prefetch_row(neighbours, offsets[a1])
+            c1 = cid[a1]
+            if c1 >= 0:
+                prefetch_row(off, c1)
         a = rows[p]
         c = cid[a]
         if c < 0:
@@ -368,22 +408,26 @@ def sample_stats(rows, s, offsets, neighbours, cid, off, nb, flag):
 
 
 @njit(cache=True, nogil=True)
-def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
-    # Decide the candidates `win` (pool indices, keys kw) by the sequential greedy in key order,
-    # ties by compact id (= pool index order inside a component, and near-copies share one).
+def compact_chunk(win, kw, full, cid, off, nb, flag, key, scan):
+    # Decide the candidates `win` (pool indices; keys kw[p], or kw[win[p]] when `full`: kw is then
+    # the keys of the whole pool) by the sequential greedy in key order, ties by compact id (= pool
+    # index order inside a component, and near-copies share one).
     # flag (compact): 0 undecided, 1 labeled (the filter's blockers), 3 kept, 4 dropped;
     # key (compact): the keys of every candidate so far, +inf elsewhere. Every eligible point with
     # a key below a candidate's must be a candidate of this or an earlier call (decided then).
     # kept(y) = flag 0, no labeled near-copy and no kept near-copy with an earlier key; the table
     # is symmetric, so y's own list holds every such neighbour: a depth-first walk decides
     # earlier neighbours first (edges point to strictly earlier keys: no cycle), O(candidates +
-    # near edges). A candidate's list is checked for labeled near-copies when it enters the walk.
+    # near edges). One pass over y's list finds both a labeled near-copy (flag 1: dropped) and the
+    # earlier ones (an undecided one is decided first, the pass resuming at it afterwards: every
+    # decision depends only on earlier keys, so deciding it before y's labeled check changes
+    # nothing).
     # Walk starts: every undecided candidate's compact id in order (scan: large chunks; sequential
     # memory, and the near-copies of a component lie next to each other), else the chunk's own ids.
     for p in range(win.size):
         c = cid[win[p]]
         if c >= 0:
-            key[c] = kw[p]
+            key[c] = kw[win[p]] if full else kw[p]
     if scan:
         # the undecided candidates' ids, ascending, by a branch-free pass (a branch per id would
         # mispredict on most of them: candidates and the rest interleave at random)
@@ -406,9 +450,6 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
                 continue
         if flag[y0] != 0 or not key[y0] < np.inf:
             continue
-        if near_labeled(y0, off, nb, flag):
-            flag[y0] = 4
-            continue
         stack[0] = y0
         at[0] = off[y0]
         sp = 1
@@ -421,15 +462,13 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
             while x < end:
                 u = nb[x]
                 fu = flag[u]
+                if fu == 1:  # a labeled near-copy
+                    break
                 if fu == 3 or fu == 0:
                     ku = key[u]
                     if ku < ky or (ku == ky and u < y):
-                        if fu == 3:
+                        if fu == 3:  # a kept earlier near-copy
                             break
-                        if near_labeled(u, off, nb, flag):
-                            flag[u] = 4
-                            x += 1
-                            continue
                         at[sp - 1] = x  # come back to u once it is decided
                         stack[sp] = u
                         at[sp] = off[u]
@@ -444,14 +483,19 @@ def compact_chunk(win, kw, cid, off, nb, flag, key, scan):
 
 
 @njit(cache=True, nogil=True)
-def compact_survivors(win, cid, flag):
-    # bool per candidate: no near-copy at all, or kept
-    out = np.empty(win.size, dtype=np.bool_)
+def compact_kept(win, cid, flag):
+    # positions p (ascending) of the candidates win[p] that survive: no near-copy at all, or kept;
+    # branch-free (kept and dropped interleave at random)
+    if flag.size == 0:  # a table without near pairs: every candidate survives
+        return np.arange(win.size)
+    out = np.empty(win.size + 1, dtype=np.int64)
+    m = 0
     for p in range(win.size):
         if p + D < win.size:
             c = cid[win[p + D]]
             if c >= 0:
                 prefetch_row(flag, c)
         c = cid[win[p]]
-        out[p] = c < 0 or flag[c] == 3
-    return out
+        out[m] = p
+        m += (c < 0) | (flag[max(c, 0)] == 3)
+    return out[:m].copy()

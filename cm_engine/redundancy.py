@@ -355,7 +355,8 @@ class _TableFilter:
     (`NearCopies._compact`; 0 undecided, 1 labeled, 3 kept, 4 dropped: near-copies of labeled
     points are found from the candidates' own lists, never by reading the labeled points' lists);
     `extend` decides the new chunk by `compact_chunk` with the candidates' keys (`key`, or
-    `key_full[win]`); a candidate without near-copies survives unless labeled.
+    `key_full`, read at the candidates by the kernel) and lists the survivors' window positions by
+    `compact_kept`; a candidate without near-copies survives unless labeled.
     numpy: the rounds of `_filter_numpy` over the whole window, as `_Filter`."""
 
     def __init__(self, table, lab, *, work: int, key_full=None, kernel: str = "auto"):
@@ -387,25 +388,27 @@ class _TableFilter:
     def extend(self, win: np.ndarray, key: np.ndarray) -> np.ndarray:
         win = np.ascontiguousarray(win, dtype=np.int64)
         self.wins.append(win)
-        kw = self.key_full[win] if key is None else np.asarray(key)
         allw = win if len(self.wins) == 1 else np.concatenate(self.wins)
         if self.kernel == "numpy":
+            kw = self.key_full[win] if key is None else np.asarray(key)
             self.keys.append(kw)
             allk = np.concatenate(self.keys)
             srt = np.lexsort((allw, allk))
             kept, _ = _filter_numpy(allw[srt], self.t.pairs, self.t.n, self.lab)
             out = np.zeros(self.t.n, dtype=np.bool_)
             out[kept] = True
-            return out[allw]
+            return np.flatnonzero(out[allw])
+        full = key is None  # the kernel reads the candidates' keys from key_full (no gathered copy)
+        kw = self.key_full if full else np.asarray(key)
         if self.key is None:
             self.key = np.full(self.flag.size, np.inf, dtype=kw.dtype if kw.dtype.kind == "f" else np.float64)
         # scan every compact id when the chunk covers a good share of them (sequential reads)
         scan = win.size * SCAN_RATIO >= self.flag.size
-        self.K["compact_chunk"](win, kw.astype(self.key.dtype, copy=False), self.cid, self.off, self.nb, self.flag,
-                                self.key, scan)
-        out = self.K["compact_survivors"](allw, self.cid, self.flag)
+        self.K["compact_chunk"](win, np.ascontiguousarray(kw, dtype=self.key.dtype), full, self.cid, self.off, self.nb,
+                                self.flag, self.key, scan)
+        out = self.K["compact_kept"](allw, self.cid, self.flag)
         if self.lab is not None and self.key_full is None:  # a labeled candidate without near-copies
-            out &= ~np.isin(allw, self.lab)
+            out = out[~np.isin(allw[out], self.lab)]
         return out
 
 
@@ -445,8 +448,9 @@ class _Filter:
     """The greedy filter against one labeled set, over a window of candidates that grows by chunks.
 
     `extend(win, key)` appends candidates whose keys (key, pool index) all exceed those already
-    added (the next stretch of the order) and returns bool [W]: for every candidate so far, whether
-    it survives the sequential greedy over the window in the order of (key, pool index) ascending.
+    added (the next stretch of the order) and returns int64 [<= W], ascending: the window positions
+    (over every candidate so far, in the order added) of those that survive the sequential greedy
+    over the window in the order of (key, pool index) ascending.
     The greedy is prefix-consistent, so earlier candidates' answers never change; the numba kernel
     decides only the new chunk (graph rows of the chunk are read once). The labeled set's marks
     are made once, in __init__. Kernel: numba (`_numba_kernels`) from NUMBA_MIN_WORK candidates +
@@ -495,7 +499,7 @@ class _Filter:
                                    self.ind.shape[0], self.lab)
             out = np.zeros(self.ind.shape[0], dtype=np.bool_)
             out[kept] = True
-            return out[allw]
+            return np.flatnonzero(out[allw])
         base = self.state.size
         allw = win if base == 0 else np.concatenate(self.wins)
         allk = key if base == 0 else np.concatenate(self.keys)
@@ -506,7 +510,7 @@ class _Filter:
         self.state = state
         self.off = off if base == 0 else np.concatenate([self.off, off[1:] + self.nbj.size])
         self.nbj = nbj if base == 0 else np.concatenate([self.nbj, nbj])
-        return state == 1
+        return np.flatnonzero(state == 1)
 
 
 #: kernel="auto" uses numba from this many candidates + labeled points on (below it the numpy
@@ -530,8 +534,7 @@ def _build_numba_kernels() -> dict:
     return {"mark_labeled": K.mark_labeled, "chunk": K.chunk, "select_range": K.select_range,
             "gather_distances": K.gather_distances, "histogram_uniform": K.histogram_uniform,
             "build_table": K.build_table, "compact_mark_labeled": K.compact_mark_labeled,
-            "sample_stats": K.sample_stats, "compact_chunk": K.compact_chunk,
-            "compact_survivors": K.compact_survivors}
+            "sample_stats": K.sample_stats, "compact_chunk": K.compact_chunk, "compact_kept": K.compact_kept}
 
 
 def _filter_numpy(order, pairs, n, lab):
@@ -625,7 +628,7 @@ def redundancy_report(picked, graph, *, delta=None, labeled=None) -> dict:
     near_co[pt[ok]] = True
     keep = _make_filter(src, delta, lab, work=b).extend(picked, np.arange(b, dtype=np.float64))
     out.update(near_labeled=float(near_lab.mean()), near_copicked=float(near_co.mean()),
-               redundant=float((near_lab | near_co).mean()), dropped_by_filter=float(1 - np.count_nonzero(keep) / b))
+               redundant=float((near_lab | near_co).mean()), dropped_by_filter=float(1 - keep.size / b))
     return out
 
 
@@ -654,10 +657,11 @@ RATE_SAMPLE = 2048
 WINDOW_MARGIN = 1.25
 
 
-def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
+def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None, elig=None):
     """The `want` lowest eligible points in (score, index) order that survive the greedy filter
     walked in that order (all survivors when fewer), int64 pool indices ascending by index; and the
-    number of candidates examined. Eligible: not in `excl` (unique indices or None). The filter's
+    number of candidates examined. Eligible: not in `excl` (unique indices or None; `elig`, when
+    given, is its bool [N] complement, from `_check_exclude`). The filter's
     labeled set (near-copies of it are dropped): `block` when given (a subset of excl: the fill's
     second tier blocks only the batch's own picks), else excl.
 
@@ -673,12 +677,14 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
     from .strategies import lowest_k
 
     n = s.size
-    elig = None
     n_elig = n
     if excl is not None and excl.size:
-        elig = np.ones(n, dtype=np.bool_)
-        elig[excl] = False
+        if elig is None:
+            elig = np.ones(n, dtype=np.bool_)
+            elig[excl] = False
         n_elig = n - excl.size  # excl is unique
+    else:
+        elig = None
     if n_elig == 0 or want == 0:
         return np.zeros(0, dtype=np.int64), 0
     lab = excl if block is None else block
@@ -718,15 +724,17 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
             chunk = _select_range(s, elig, s.dtype.type(-np.inf), -1, s.dtype.type(samp[r]), f.kernel)
     n_win = 0  # candidates in the window before `chunk`
     while True:
+        # keep: the window positions of the survivors so far, ascending
         keep = f.extend(chunk, None if isinstance(f, _TableFilter) else s[chunk])  # (table: keys from s)
-        n_kept = int(np.count_nonzero(keep))
-        if n_kept >= want or keep.size >= n_elig:
+        n_kept = keep.size
+        w = n_win + chunk.size  # candidates in the window
+        if n_kept >= want or w >= n_elig:
             break
         # grow: the eligible points with keys above the window's largest, up to a score t2 chosen
         # so that about 1.1 * want / keep-rate points are in the window
         t1 = s[chunk].max()
         i1 = int(chunk[s[chunk] == t1].max())
-        target = max(int(np.ceil(WINDOW_MARGIN * want * keep.size / max(n_kept, 1))), keep.size + 1)
+        target = max(int(np.ceil(WINDOW_MARGIN * want * w / max(n_kept, 1))), w + 1)
         if samp is None:
             samp = sample()
         r = int(target / n_elig * samp.size)
@@ -735,15 +743,16 @@ def _filtered_candidates(s, src, want, start=None, *, delta, excl, block=None):
         ext = _select_range(s, elig, t1, i1, s.dtype.type(t2), f.kernel)
         if ext.size == 0:  # (the sample holds only eligible points: only when t2 = inf, all examined)
             break
-        n_win = keep.size
+        n_win = w
         chunk = ext
     win = f.wins[0] if len(f.wins) == 1 else np.concatenate(f.wins)
     if n_kept > want:
         # the earlier windows hold fewer than `want` survivors, all with lower keys than the last
         # chunk's: take them all, and the lowest keys of the last chunk's (ascending index, so
         # ties go to the lower index)
-        head = win[:n_win][keep[:n_win]]
-        last = win[n_win:][keep[n_win:]]
+        h = int(np.searchsorted(keep, n_win))
+        head = win[keep[:h]]
+        last = win[keep[h:]]
         last = _lowest_ascending(last, s, want - head.size)
         surv = last if head.size == 0 else np.concatenate([head, last])
     else:
@@ -809,13 +818,21 @@ def _select_range(s, elig, t1, i1, t2, kernel):
 
 
 def _check_exclude(exclude, n):
+    """exclude -> (unique int64 indices or None, the bool [N] eligibility mask: False at excluded
+    points, None without exclusions). The mask is built once, reused by the filter, and its count
+    is the uniqueness check."""
     from .sampler import check_unique
 
     if exclude is None:
-        return None
+        return None, None
     excl = as_index_array("exclude", exclude, n=n, unique=False)
-    check_unique("exclude", excl, n)
-    return excl
+    if excl.size == 0:
+        return excl, None
+    elig = np.ones(n, dtype=np.bool_)
+    elig[excl] = False
+    if int(np.count_nonzero(elig)) != n - excl.size:
+        check_unique("exclude", excl, n)  # raises, naming a duplicate
+    return excl, elig
 
 
 def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.ndarray:
@@ -832,10 +849,10 @@ def filtered_margin(scores, graph, budget, *, delta=None, exclude=None) -> np.nd
     if n != s.size:
         raise ValueError(f"graph: expected {s.size} rows (as scores), got {n}")
     budget = check_int("budget", budget, min=0)
-    excl = _check_exclude(exclude, s.size)
+    excl, elig = _check_exclude(exclude, s.size)
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, src, budget, delta=delta, excl=excl)
+    kept, _ = _filtered_candidates(s, src, budget, delta=delta, excl=excl, elig=elig)
     kept = kept[np.argsort(s[kept], kind="stable")]  # ascending index -> by (score, index)
     if kept.size < budget:
         kept = np.concatenate([kept, _second_tier(s, src, budget - kept.size, kept, excl, delta)[0]])
@@ -924,12 +941,12 @@ def filtered_cluster_margin(scores, labels, graph, budget, *, km_ratio=10.0, del
     km_ratio = check_float("km_ratio", km_ratio, min=1.0)
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {', '.join(map(repr, ORDERS))}, got {order!r}")
-    excl = _check_exclude(exclude, n)
+    excl, elig = _check_exclude(exclude, n)
     rng = as_generator(seed)
     km = int(round(km_ratio * budget))
     if budget == 0:
         return np.zeros(0, dtype=np.int64)
-    kept, _ = _filtered_candidates(s, src, km, delta=delta, excl=excl)
+    kept, _ = _filtered_candidates(s, src, km, delta=delta, excl=excl, elig=elig)
     lab = excl if (label_aware and excl is not None) else None
     picked = _round_robin(kept, labels, budget, rng, order=order, labeled=lab)
     short = budget - picked.size

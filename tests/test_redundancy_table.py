@@ -244,3 +244,36 @@ def test_sample_stats_matches_reference():
         want = [-1 if blocked[a] else sum(1 for u in near[a] if (s[u], u) < (s[a], a) and not blocked[u])
                 for a in rows]
         np.testing.assert_array_equal(f.sample_stats(rows, s), want)
+
+
+def test_select_range_and_kept_kernels_match_reference():
+    # the window kernels: select_range (first-window and split-at-i1 loops, with and without an
+    # eligibility mask) against the numpy expression; compact_kept against a plain loop
+    if not R.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    K = R._numba_kernels()
+    for trial in range(60):
+        rng = np.random.default_rng(5000 + trial)
+        n = int(rng.integers(1, 300))
+        s = rng.random(n).astype(np.float32 if trial % 2 else np.float64)
+        if trial % 3 == 0:
+            s = np.round(s * 6) / 6  # ties at t1 and t2
+        if trial % 5 == 1:
+            s[rng.random(n) < 0.1] = -np.inf
+        elig = None if trial % 4 == 0 else rng.random(n) < 0.7
+        t1 = s.dtype.type(-np.inf) if trial % 3 == 1 else s[int(rng.integers(0, n))]
+        i1 = int(rng.choice([-1, 0, int(rng.integers(0, n)), n - 1, n + 5]))
+        t2 = s.dtype.type(np.inf) if trial % 7 == 2 else s[int(rng.integers(0, n))]
+        got = R._select_range(s, elig, t1, i1, t2, "numba")
+        want = R._select_range(s, elig, t1, i1, t2, "numpy")
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+        m = int(rng.integers(0, 50))
+        cid = np.full(n, -1, dtype=np.int32)
+        nodes = rng.permutation(n)[: min(m, n)]
+        cid[nodes] = np.arange(nodes.size, dtype=np.int32)
+        flag = rng.choice(np.array([0, 1, 3, 4], dtype=np.uint8), nodes.size)
+        win = np.sort(rng.permutation(n)[: int(rng.integers(0, n + 1))]).astype(np.int64)
+        want = [p for p, a in enumerate(win) if cid[a] < 0 or flag[cid[a]] == 3]
+        np.testing.assert_array_equal(K["compact_kept"](win, cid, flag), np.array(want, dtype=np.int64))
