@@ -241,6 +241,7 @@ def test_two_level_grouped_search_recall(no_faiss, coarse_probes, monkeypatch):
     from cm_engine import _knn_torch as kt
 
     monkeypatch.setattr(kt, "_TWO_LEVEL_CELLS", 8)
+    monkeypatch.setattr(kt, "_TWO_LEVEL_TRAIN_CELLS", 8)
     monkeypatch.setattr(kt, "_COARSE_PROBES", coarse_probes)
     if no_faiss:
         monkeypatch.setattr(kt, "_faiss_importable", lambda: False)
@@ -253,6 +254,27 @@ def test_two_level_grouped_search_recall(no_faiss, coarse_probes, monkeypatch):
     print(f"two-level recall@10 (no_faiss={no_faiss}, probes {coarse_probes}): {rec:.4f}, nprobe {info['nprobe']}")
     assert rec >= 0.94
     assert info["sample_recall"] >= info["tune_recall"] - 3 * info["tune_recall_se"]
+
+
+@pytest.mark.parametrize("no_faiss", [False, True])
+def test_two_level_training_with_flat_search(no_faiss, monkeypatch):
+    """Between _TWO_LEVEL_TRAIN_CELLS and _TWO_LEVEL_CELLS the cells are trained in two levels and
+    searched flat (every cell ranked): the grouped search still meets its recall target."""
+    from cm_engine import _knn_torch as kt
+
+    monkeypatch.setattr(kt, "_TWO_LEVEL_TRAIN_CELLS", 8)
+    if no_faiss:
+        monkeypatch.setattr(kt, "_faiss_importable", lambda: False)
+    trained = []
+    real = kt._train_two_level
+    monkeypatch.setattr(kt, "_train_two_level", lambda *a, **kw: trained.append(1) or real(*a, **kw))
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, backend="faiss", exact=True)
+    g = knn_graph(X, k=10, backend="torch", exact=False, nlist=40, target_recall=0.95, tune_rows=600)
+    assert trained, "the two-level training did not run"
+    rec = recall_at_k(g, exact)
+    assert 30 <= g.info["nlist"] <= 50 and rec >= 0.94, (g.info["nlist"], rec)
+    assert g.info["sample_recall"] >= g.info["tune_recall"] - 3 * g.info["tune_recall_se"]
 
 
 def test_numpy_finish_rows_and_split_knn_match_their_references():
