@@ -299,12 +299,16 @@ class _Quantizer:
         self.coarse_probes = _COARSE_PROBES  # groups searched per row (two-level); the tuning may raise it
         self.cn = C.pow(2).sum(1) if metric == "l2" else None
         self.c1n = C1.pow(2).sum(1) if (C1 is not None and metric == "l2") else None
-        self.flat = None
-        if C1 is None and workers is not None:
+        self.flat = self.ivf = None
+        if workers is not None:
             import faiss
 
-            self.flat = faiss.IndexFlatIP(C.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(C.shape[1])
-            self.flat.add(np.ascontiguousarray(C.numpy()))
+            d = C.shape[1]
+            if C1 is None:
+                self.flat = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+                self.flat.add(np.ascontiguousarray(C.numpy()))
+            else:
+                self.ivf = _group_index(C, C1, goff, metric)
 
     @property
     def nlist(self) -> int:
@@ -325,6 +329,11 @@ class _Quantizer:
     def _search(self, x: torch.Tensor, p: int) -> np.ndarray:
         if self.flat is not None:
             return self.flat.search(x.numpy(), p)[1].astype(np.int64)
+        if self.ivf is not None:  # FAISS's IVF scan: the same cells, ~30% less CPU than the table below
+            import faiss
+
+            nprobe = min(self.coarse_probes, self.C1.shape[0])
+            return self.ivf.search(x.numpy(), p, params=faiss.SearchParametersIVF(nprobe=nprobe))[1].astype(np.int64)
         if self.C1 is None:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
@@ -388,6 +397,33 @@ class _Quantizer:
         if kk < p:
             ids = torch.cat([ids, torch.full((b, p - kk), -1, dtype=ids.dtype, device=dev)], 1)
         return ids.cpu().numpy()
+
+
+def _group_index(C: torch.Tensor, C1: torch.Tensor, goff: np.ndarray, metric: str):
+    """The two-level cells as a FAISS IndexIVFFlat: list g holds the fine centroids of group g
+    (C[goff[g]:goff[g + 1]], ids = their cell ids), with C1 as the coarse quantizer, so that
+    `search(x, p)` at nprobe p1 ranks exactly the cells of each row's p1 nearest groups, as
+    `_Quantizer._two_level` does. The lists are filled directly: `add` would re-assign each fine
+    centroid to its nearest coarse centroid, which need not be the group it was trained in."""
+    import faiss
+
+    d = C.shape[1]
+    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    quant = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+    quant.add(np.ascontiguousarray(C1.numpy()))
+    ivf = faiss.IndexIVFFlat(quant, d, C1.shape[0], mt)
+    ivf.own_fields = True
+    quant.this.disown()  # the index owns (and frees) its quantizer
+    Cn = np.ascontiguousarray(C.numpy(), dtype=np.float32)
+    for g in range(C1.shape[0]):
+        c0, c1 = int(goff[g]), int(goff[g + 1])
+        if c1 > c0:
+            ids = np.arange(c0, c1, dtype=np.int64)
+            codes = np.ascontiguousarray(Cn[c0:c1]).view(np.uint8)
+            ivf.invlists.add_entries(g, c1 - c0, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+    ivf.ntotal = int(goff[-1])
+    ivf.is_trained = True
+    return ivf
 
 
 def _kmeans_here(x: torch.Tensor, k: int, *, niter: int, seed: int, metric: str, work: int,

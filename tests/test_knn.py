@@ -403,3 +403,29 @@ def test_cifar10_recall_defaults(data_dir):
     rec = recall_at_k(g, ex, rows=rows)
     print(f"CIFAR-10 recall@16 (default approximate, {g.info}): {rec:.4f}")
     assert rec >= 0.95
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_two_level_faiss_ivf_search_matches_the_table(metric):
+    """On the CPU workers path the two-level cells are searched by a FAISS IndexIVFFlat whose lists are
+    the groups (_group_index); it must rank the same cells as the torch score table (_two_level), for
+    the tuned coarse probes and for pad=False rows that reach fewer than p cells."""
+    import faiss  # noqa: F401
+
+    from cm_engine import _knn_torch as kt
+
+    X = clustered(6000)
+    xt = kt._prep(torch.from_numpy(np.asarray(X, dtype=np.float32)), metric)
+    with kt._Workers(2) as w:
+        qz = kt._train_two_level(xt, 64, niter=5, seed=0, metric=metric, work=64 << 20, workers=w)
+        assert qz.ivf is not None
+        for probes in (1, 2, 8):
+            qz.coarse_probes = probes
+            for p in (1, 5, 40):
+                a = qz.search(xt, p, pad=False)
+                ivf, qz.ivf = qz.ivf, None
+                b = qz.search(xt, p, pad=False)
+                qz.ivf = ivf
+                same = np.mean(np.all(a == b, axis=1))
+                assert same >= 0.999, (probes, p, same)
+                assert np.array_equal(np.sort(a, 1)[:, :1] < 0, np.sort(b, 1)[:, :1] < 0)  # same short rows
