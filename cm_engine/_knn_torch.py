@@ -276,10 +276,12 @@ def grouped_nlist(n: int) -> int:
 #: cells and an exhaustive assignment cost O(N nlist d), quadratic in N at a fixed cell size
 #: (10M x 64 with 12.6K cells: k-means 190 s, assignment 280 s).
 _TWO_LEVEL_CELLS = 4096
-#: Cells from which on the centroids are TRAINED in two levels (`_train_two_level`); below
-#: `_TWO_LEVEL_CELLS` they are still searched flat (one matrix product per block: at 1M x 64
-#: with 3.9K cells it beats the two-level table). One flat k-means of 3.9K cells took 21.6 s of
-#: a 71 s 1M-point graph on 2 cores (O(ntrain nlist d) per iteration).
+#: On the CPU, cells from which on the centroids are TRAINED in two levels (`_train_two_level`);
+#: below `_TWO_LEVEL_CELLS` they are still searched flat (one matrix product per block: at 1M x 64
+#: with 3.9K cells it beats the two-level table). One flat k-means of 3.9K cells took 24 s of a
+#: 74 s 1M-point graph on 2 cores (O(ntrain nlist d) per iteration); two levels took 1 s. A GPU
+#: keeps the flat k-means up to `_TWO_LEVEL_CELLS`: it is fast there, and the two-level training
+#: is a Python loop over groups (not measured on a card at these sizes).
 _TWO_LEVEL_TRAIN_CELLS = 1024
 #: Coarse groups (of about sqrt(nlist)) whose fine cells each row's nearest cells are taken from.
 _COARSE_PROBES = 8
@@ -748,7 +750,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     ntrain = min(n, nlist * train_per_cell)
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
     xt = _prep(gather_rows(pool, sample, device=dev), metric)
-    if nlist > _TWO_LEVEL_TRAIN_CELLS:
+    if nlist > (_TWO_LEVEL_TRAIN_CELLS if dev.type == "cpu" else _TWO_LEVEL_CELLS):
         qz = _train_two_level(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
         if nlist <= _TWO_LEVEL_CELLS:  # trained in two levels, searched flat
             qz = _Quantizer(qz.C, metric, work=work, workers=workers)
