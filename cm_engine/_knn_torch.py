@@ -292,8 +292,9 @@ class _Quantizer:
     of prepped rows. Flat: exhaustive (FAISS's IndexFlat on the CPU workers path, else a torch
     matmul). Two-level: coarse centroids C1 [nc, d] group the cells (group g holds cells
     goff[g]:goff[g + 1]); a row's candidates are the cells of its `coarse_probes` nearest groups
-    (from `_COARSE_PROBES`; the tuning may raise it), ranked exactly. The row loop is over groups
-    (one matrix product each), not rows."""
+    (from `_COARSE_PROBES`; the tuning may raise it), ranked exactly: on the CPU workers path by a
+    FAISS IndexIVFFlat whose lists are the groups (`_group_index`), else by the score table of
+    `_two_level` (the row loop over groups, one matrix product each, not rows)."""
 
     def __init__(self, C: torch.Tensor, metric: str, *, work: int, C1: torch.Tensor | None = None,
                  goff: np.ndarray | None = None, workers: "_Workers | None" = None):

@@ -26,10 +26,11 @@ two clusterings that find the same partition under different numbering (the engi
 scipy's exact linkage, say) pick the same points for the same seed, and a cluster both find is
 treated alike even where the rest differs. Label values never act as a tie-break.
 
-Both kernels give every admissible outcome the paper's probabilities, but they draw differently, so the exact picks for one seed differ between them. Which one runs depends
-only on the number of candidates and on numba being installed, so one input and seed always give
-the same picks on one installation. numba is a hard dependency of the package; the numpy kernel is
-the small-input path, the fallback, and a second implementation for the tests.
+Both kernels give every admissible outcome the paper's probabilities, but they draw differently,
+so the exact picks for one seed differ between them. Which one runs depends only on the number of
+candidates and on numba being installed, so one input and seed always give the same picks on one
+installation. numba is a hard dependency of the package; the numpy kernel is the small-input path,
+the fallback, and a second implementation for the tests.
 """
 from __future__ import annotations
 
