@@ -302,16 +302,10 @@ class _Quantizer:
         self.coarse_probes = _COARSE_PROBES  # groups searched per row (two-level); the tuning may raise it
         self.cn = C.pow(2).sum(1) if metric == "l2" else None
         self.c1n = C1.pow(2).sum(1) if (C1 is not None and metric == "l2") else None
-        self.flat = self.ivf = None
+        # CPU workers path: a FAISS index does the whole search (flat, or IVF over the groups)
+        self.index = None
         if workers is not None:
-            import faiss
-
-            d = C.shape[1]
-            if C1 is None:
-                self.flat = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-                self.flat.add(np.ascontiguousarray(C.numpy()))
-            else:
-                self.ivf = _group_index(C, C1, goff, metric)
+            self.index = _flat_index(C, metric) if C1 is None else _group_index(C, C1, goff, metric)
 
     @property
     def nlist(self) -> int:
@@ -330,13 +324,12 @@ class _Quantizer:
         return np.where(out < 0, out[:, :1], out) if pad else out
 
     def _search(self, x: torch.Tensor, p: int) -> np.ndarray:
-        if self.flat is not None:
-            return self.flat.search(x.numpy(), p)[1].astype(np.int64)
-        if self.ivf is not None:  # FAISS's IVF scan: the same cells, ~30% less CPU than the table below
+        if self.index is not None:  # two-level: FAISS's IVF scan, the same cells, ~30% less CPU than the table
             import faiss
 
-            nprobe = min(self.coarse_probes, self.C1.shape[0])
-            return self.ivf.search(x.numpy(), p, params=faiss.SearchParametersIVF(nprobe=nprobe))[1].astype(np.int64)
+            params = (None if self.C1 is None else
+                      faiss.SearchParametersIVF(nprobe=min(self.coarse_probes, self.C1.shape[0])))
+            return self.index.search(x.numpy(), p, params=params)[1].astype(np.int64)
         if self.C1 is None:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
@@ -352,15 +345,7 @@ class _Quantizer:
 
     def _nearest(self, x: torch.Tensor, C: torch.Tensor, cn: torch.Tensor | None, kk: int):
         """(keys [m, kk] ascending-better float32, positions in C [m, kk] int64) of the kk nearest
-        rows of C: faiss.knn on the CPU workers path (torch's CPU topk was ~5x slower here),
-        else matmul + topk on the device."""
-        if self.workers is not None:
-            import faiss
-
-            mt = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
-            D, I = faiss.knn(x.numpy(), C.numpy(), kk, metric=mt)
-            D, I = torch.from_numpy(D), torch.from_numpy(I)
-            return (D.neg_() if self.metric == "cosine" else D), I
+        rows of C: matmul + topk on the device (the CPU workers path searches with `index`)."""
         return _key(x @ C.T, self.metric, cn).topk(kk, dim=1, largest=False)
 
     def _two_level(self, x: torch.Tensor, p: int, p1: int) -> np.ndarray:
@@ -402,6 +387,15 @@ class _Quantizer:
         return ids.cpu().numpy()
 
 
+def _flat_index(C: torch.Tensor, metric: str):
+    """FAISS's exhaustive index over the rows of C [n, d] (prepped): inner product for cosine."""
+    import faiss
+
+    index = faiss.IndexFlatIP(C.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(C.shape[1])
+    index.add(np.ascontiguousarray(C.numpy()))
+    return index
+
+
 def _group_index(C: torch.Tensor, C1: torch.Tensor, goff: np.ndarray, metric: str):
     """The two-level cells as a FAISS IndexIVFFlat: list g holds the fine centroids of group g
     (C[goff[g]:goff[g + 1]], ids = their cell ids), with C1 as the coarse quantizer, so that
@@ -412,8 +406,7 @@ def _group_index(C: torch.Tensor, C1: torch.Tensor, goff: np.ndarray, metric: st
 
     d = C.shape[1]
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    quant = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-    quant.add(np.ascontiguousarray(C1.numpy()))
+    quant = _flat_index(C1, metric)
     ivf = faiss.IndexIVFFlat(quant, d, C1.shape[0], mt)
     ivf.own_fields = True
     quant.this.disown()  # the index owns (and frees) its quantizer
@@ -444,11 +437,12 @@ def _kmeans_here(x: torch.Tensor, k: int, *, niter: int, seed: int, metric: str,
 
 
 def _train_two_level(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
-                     workers: "_Workers | None") -> _Quantizer:
+                     workers: "_Workers | None", flat_search: bool = False) -> _Quantizer:
     """About `nlist` cells in two levels: round(sqrt(nlist)) coarse centroids on the sample xt,
     then each coarse group's sample rows split into cells in proportion to their number (at
     least 39 rows per cell, FAISS's floor). k-means costs O(ntrain sqrt(nlist) d) per iteration
-    instead of O(ntrain nlist d) (cf. FAISS's contrib two_level_clustering, which is CPU-only)."""
+    instead of O(ntrain nlist d) (cf. FAISS's contrib two_level_clustering, which is CPU-only).
+    flat_search: the quantizer ranks all cells (no groups), for cell counts where that is faster."""
     nc = max(1, int(round(math.sqrt(nlist))))
     C1 = _train_centroids(xt, nc, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
     c1n = C1.pow(2).sum(1) if metric == "l2" else None
@@ -471,7 +465,10 @@ def _train_two_level(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, met
     parts = list(workers.map(fine, groups)) if workers is not None else [fine(g) for g in groups]
     goff = np.zeros(nc + 1, np.int64)
     goff[1:] = np.cumsum(share)
-    return _Quantizer(torch.cat(parts).to(torch.float32), metric, work=work, C1=C1, goff=goff, workers=workers)
+    C = torch.cat(parts).to(torch.float32)
+    if flat_search:
+        return _Quantizer(C, metric, work=work, workers=workers)
+    return _Quantizer(C, metric, work=work, C1=C1, goff=goff, workers=workers)
 
 
 def _train_centroids(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int,
@@ -752,9 +749,8 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
     xt = _prep(gather_rows(pool, sample, device=dev), metric)
     if nlist > (_TWO_LEVEL_TRAIN_CELLS if dev.type == "cpu" else _TWO_LEVEL_CELLS):
-        qz = _train_two_level(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
-        if nlist <= _TWO_LEVEL_CELLS:  # trained in two levels, searched flat
-            qz = _Quantizer(qz.C, metric, work=work, workers=workers)
+        qz = _train_two_level(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers,
+                              flat_search=nlist <= _TWO_LEVEL_CELLS)
     else:
         qz = _Quantizer(_train_centroids(xt, nlist, niter=niter, seed=seed, metric=metric, work=work,
                                          workers=workers), metric, work=work, workers=workers)

@@ -418,14 +418,14 @@ def test_two_level_faiss_ivf_search_matches_the_table(metric):
     xt = kt._prep(torch.from_numpy(np.asarray(X, dtype=np.float32)), metric)
     with kt._Workers(2) as w:
         qz = kt._train_two_level(xt, 64, niter=5, seed=0, metric=metric, work=64 << 20, workers=w)
-        assert qz.ivf is not None
+        assert qz.index is not None
         for probes in (1, 2, 8):
             qz.coarse_probes = probes
             for p in (1, 5, 40):
                 a = qz.search(xt, p, pad=False)
-                ivf, qz.ivf = qz.ivf, None
+                index, qz.index = qz.index, None
                 b = qz.search(xt, p, pad=False)
-                qz.ivf = ivf
+                qz.index = index
                 same = np.mean(np.all(a == b, axis=1))
                 assert same >= 0.999, (probes, p, same)
                 assert np.array_equal(np.sort(a, 1)[:, :1] < 0, np.sort(b, 1)[:, :1] < 0)  # same short rows
