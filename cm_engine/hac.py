@@ -58,6 +58,7 @@ reducible and keeps every cut consistent otherwise.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -267,8 +268,18 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
         raise ValueError(f'embeddings: only used by missing="exact", got missing={params.missing!r} with embeddings')
     dev = resolve_device(device)
     budget = _budget(budget_bytes)
+    t0 = time.perf_counter()
+
+    def lap(phase):  # phase times at INFO: where a stage's seconds go on a lent GPU's log
+        nonlocal t0
+        t, t0 = t0, time.perf_counter()
+        log.info("hac: %s %.2f s", phase, t0 - t)
+
     n, key, dist, r = _graph_edges(graph, dev, budget)
+    lap("graph edges")
     feats = _unit_rows(embeddings, n, dev, budget) if params.missing == "exact" else None
+    if feats is not None:
+        lap("unit rows")
     if n == 0:
         z = np.zeros(0, dtype=np.int64)
         return Merges(0, z, z.copy(), np.zeros(0), z.copy())
@@ -278,6 +289,7 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
     edges = [key, dist]
     del key, dist
     edges = list(K.symmetrize(edges, n))
+    lap("symmetrize")
     if params.missing in ("edges", "exact"):
         impute = None
     elif params.missing == "bound":
@@ -289,7 +301,10 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
     a, b, h, sz, rounds = K.rac(edges, r, n, impute=impute, max_epsilon=maxe,
                                 block=K.edge_block(budget), progress=progress, feats=feats)
     log.info("hac: %d merges in %d rounds over %d points", a.numel(), rounds, n)
-    return _sorted_merges(n, a.cpu().numpy(), b.cpu().numpy(), h.cpu().numpy(), sz.cpu().numpy())
+    lap("rounds")
+    out = _sorted_merges(n, a.cpu().numpy(), b.cpu().numpy(), h.cpu().numpy(), sz.cpu().numpy())
+    lap("merge list")
+    return out
 
 
 def _sorted_merges(n, a, b, h, sz) -> Merges:

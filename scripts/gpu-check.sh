@@ -85,12 +85,12 @@ else
   STREAM_ARGS=(--sizes 100000000 --graph-max 0 --d 128 --dtype float16 --classes 100
                --total-cap 100 --ours-cap 90 --matmul-n 8192)
   CURVE_ARGS=(--sizes 100000,1000000,10000000 --graph-max 10000000 --d 128 --dtype float16 --classes 100
-              --total-cap 140 --ours-cap 110 --recall-queries 300 --matmul-n 8192)
+              --total-cap 190 --ours-cap 150 --recall-queries 300 --matmul-n 8192)
   # The GPU target: 10M x 256 float16, k=32, 1000 classes, 1M picked, from cold files,
   # plus the cached-cluster cycle (scoring + selection only).
   TARGET_ARGS=(--sizes 10000000 --graph-max 10000000 --d 256 --dtype float16 --k 32 --classes 1000 --budget 1000000
                --total-cap 225 --ours-cap 215 --recall-queries 300 --matmul-n 8192)
-  L_INSTALL=45; L_TESTS=60; L_CURVE=150; L_STREAM=110; L_TARGET=235
+  L_INSTALL=45; L_TESTS=60; L_CURVE=200; L_STREAM=110; L_TARGET=235
 fi
 
 # One JSON for everything, rewritten after each step (a call cut short keeps what finished).
