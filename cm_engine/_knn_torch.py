@@ -443,6 +443,7 @@ def _train_two_level(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, met
     least 39 rows per cell, FAISS's floor). k-means costs O(ntrain sqrt(nlist) d) per iteration
     instead of O(ntrain nlist d) (cf. FAISS's contrib two_level_clustering, which is CPU-only).
     flat_search: the quantizer ranks all cells (no groups), for cell counts where that is faster."""
+    t0 = time.perf_counter()
     nc = max(1, int(round(math.sqrt(nlist))))
     C1 = _train_centroids(xt, nc, niter=niter, seed=seed, metric=metric, work=work, workers=workers)
     c1n = C1.pow(2).sum(1) if metric == "l2" else None
@@ -462,7 +463,10 @@ def _train_two_level(xt: torch.Tensor, nlist: int, *, niter: int, seed: int, met
                             use_faiss=workers is not None)
 
     groups = np.flatnonzero(share)
+    t1 = time.perf_counter()
     parts = list(workers.map(fine, groups)) if workers is not None else [fine(g) for g in groups]
+    log.info("knn_graph approximate: two-level training, %d coarse groups %.2f s, their cells %.2f s",
+             nc, t1 - t0, time.perf_counter() - t1)
     goff = np.zeros(nc + 1, np.int64)
     goff[1:] = np.cumsum(share)
     C = torch.cat(parts).to(torch.float32)
@@ -748,6 +752,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
     ntrain = min(n, nlist * train_per_cell)
     sample = np.sort(rng.choice(n, size=ntrain, replace=False))
     xt = _prep(gather_rows(pool, sample, device=dev), metric)
+    log.info("knn_graph approximate: training sample of %d rows read in %.2f s", ntrain, time.perf_counter() - t_phase)
     if nlist > (_TWO_LEVEL_TRAIN_CELLS if dev.type == "cpu" else _TWO_LEVEL_CELLS):
         qz = _train_two_level(xt, nlist, niter=niter, seed=seed, metric=metric, work=work, workers=workers,
                               flat_search=nlist <= _TWO_LEVEL_CELLS)

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numba import njit
 
 from . import _hac_kernels as K
 from ._device import budget_bytes as _budget, log_memory_estimate, resolve_device
@@ -302,26 +303,30 @@ def hac_merges(graph, *, embeddings=None, max_epsilon=None, missing=None, missin
                                 block=K.edge_block(budget), progress=progress, feats=feats)
     log.info("hac: %d merges in %d rounds over %d points", a.numel(), rounds, n)
     lap("rounds")
-    out = _sorted_merges(n, a.cpu().numpy(), b.cpu().numpy(), h.cpu().numpy(), sz.cpu().numpy())
+    out = _sorted_merges(n, a, b, h, sz)
     lap("merge list")
     return out
 
 
-def _sorted_merges(n, a, b, h, sz) -> Merges:
+def _sorted_merges(n: int, a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, sz: torch.Tensor) -> Merges:
     """Sort merges by height (stable: a child made in an earlier round keeps preceding its
-    parent at equal height) and renumber the internal nodes accordingly."""
-    order = np.argsort(h, kind="stable")
-    m = order.size
-    inv = np.empty(m, dtype=np.int64)
-    inv[order] = np.arange(m)
+    parent at equal height) and renumber the internal nodes accordingly.
+
+    a, b: int64 [m] node ids, h: float64 [m], sz: int64 [m], on rac's device (the sort runs there:
+    at 10M merges numpy's stable argsort and fancy indexing took 3.3 s on a GPU machine's host)."""
+    m = a.numel()
+    order = torch.sort(h, stable=True).indices
+    inv = torch.empty(m, dtype=torch.int64, device=a.device)
+    inv[order] = torch.arange(m, dtype=torch.int64, device=a.device)
 
     def renum(x):
-        x = x[order]
-        return np.where(x >= n, n + inv[np.maximum(x - n, 0)], x)
+        x = x.index_select(0, order)
+        return torch.where(x >= n, n + inv.index_select(0, (x - n).clamp_min(0)), x)
 
     a2, b2 = renum(a), renum(b)
-    return Merges(int(n), np.minimum(a2, b2), np.maximum(a2, b2), h[order].astype(np.float64),
-                  sz[order].astype(np.int64))
+    host = lambda t: t.cpu().numpy()  # noqa: E731
+    return Merges(int(n), host(torch.minimum(a2, b2)), host(torch.maximum(a2, b2)),
+                  host(h.index_select(0, order).to(torch.float64)), host(sz.index_select(0, order).to(torch.int64)))
 
 
 def _check_merges(merges):
@@ -336,20 +341,42 @@ def cut(merges: Merges, epsilon) -> np.ndarray:
     eps = check_float("epsilon", epsilon, min=0.0)
     n = merges.n
     p = int(np.searchsorted(merges.dist, eps, side="right"))
-    parent = np.arange(n + p, dtype=np.int64)
-    parent[merges.a[:p]] = n + np.arange(p)
-    parent[merges.b[:p]] = n + np.arange(p)
-    # Pointer jumping: O(log depth) whole-array passes.
-    while True:
-        nxt = parent[parent]
-        if np.array_equal(nxt, parent):
-            break
-        parent = nxt
-    root = parent[:n]
-    _, first, inv = np.unique(root, return_index=True, return_inverse=True)
-    rank = np.empty(first.size, dtype=np.int64)
-    rank[np.argsort(first, kind="stable")] = np.arange(first.size)
-    return rank[inv.reshape(-1)]
+    labels, bad = _cut_labels(n, np.ascontiguousarray(merges.a, dtype=np.int64),
+                              np.ascontiguousarray(merges.b, dtype=np.int64), p)
+    if bad >= 0:
+        raise ValueError(f"merges: expected merge {bad} to join nodes made before it (ids < {n + bad}), got "
+                         f"a={int(merges.a[bad])}, b={int(merges.b[bad])}")
+    return labels
+
+
+@njit(cache=True, nogil=True)
+def _cut_labels(n, a, b, p):
+    """Labels of the cut after the first p merges -> (int64 [n], -1 or the first bad merge).
+
+    A merge's node n + j is made from nodes made before it (ids < n + j), so one pass from the
+    highest id down gives every node its root; a second pass numbers the roots in order of
+    their smallest leaf. O(n + p), where the pointer jumping it replaces took log(depth) passes
+    over the whole array plus a sort (4.6 s with epsilon_for_mean_size at 10M on a GPU host)."""
+    parent = np.full(n + p, -1, dtype=np.int64)
+    for j in range(p):
+        if a[j] < 0 or b[j] < 0 or a[j] >= n + j or b[j] >= n + j:
+            return np.zeros(0, dtype=np.int64), j
+        parent[a[j]] = n + j
+        parent[b[j]] = n + j
+    root = np.empty(n + p, dtype=np.int64)
+    for x in range(n + p - 1, -1, -1):
+        q = parent[x]
+        root[x] = x if q < 0 else root[q]
+    rank = np.full(n + p, -1, dtype=np.int64)
+    out = np.empty(n, dtype=np.int64)
+    c = 0
+    for i in range(n):
+        r = root[i]
+        if rank[r] < 0:
+            rank[r] = c
+            c += 1
+        out[i] = rank[r]
+    return out, -1
 
 
 def epsilon_for_mean_size(merges: Merges, target_mean_size) -> float:

@@ -355,6 +355,63 @@ def test_hac_params_frozen_and_checked():
         HACParams(missing="nope")
 
 
+def _cut_reference(m: Merges, eps: float) -> np.ndarray:
+    """Slow, obvious cut: union-find over the merges at height <= eps, clusters numbered in
+    the order of their smallest member."""
+    n = m.n
+    parent = list(range(n + len(m)))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for j in range(len(m)):
+        if m.dist[j] <= eps:
+            parent[int(m.a[j])] = n + j
+            parent[int(m.b[j])] = n + j
+    ids, out = {}, []
+    for i in range(n):
+        out.append(ids.setdefault(find(i), len(ids)))
+    return np.array(out, dtype=np.int64)
+
+
+def _random_forest_merges(n, rng, trees):
+    """A random valid merge list over n leaves (several trees), in height order."""
+    live = list(rng.permutation(n))
+    a, b, h, sz = [], [], [], []
+    size = {i: 1 for i in range(n)}
+    while len(live) > trees:
+        i, j = sorted(rng.choice(len(live), 2, replace=False))
+        x, y = live[i], live[j]
+        node = n + len(a)
+        a.append(min(x, y)), b.append(max(x, y))
+        h.append((h[-1] if h else 0.0) + float(rng.integers(0, 2)))  # non-decreasing, with ties
+        sz.append(size[x] + size[y])
+        size[node] = sz[-1]
+        live[i] = node
+        live.pop(j)
+    return Merges(n, np.array(a, dtype=np.int64), np.array(b, dtype=np.int64), np.array(h), np.array(sz))
+
+
+@pytest.mark.parametrize("trees", [1, 7])
+def test_cut_matches_union_find_reference(trees):
+    rng = np.random.default_rng(trees)
+    for n in (1, 2, 5, 60, 400):
+        m = _random_forest_merges(n, rng, min(trees, n))
+        for eps in [0.0, 0.5, 1.0, 3.0] + list(np.unique(m.dist)) + [1e9]:
+            got = cut(m, eps)
+            assert got.dtype == np.int64
+            assert np.array_equal(got, _cut_reference(m, eps)), (n, eps)
+
+
+def test_cut_rejects_a_merge_of_a_node_made_later():
+    m = Merges(3, np.array([0, 2]), np.array([4, 3]), np.array([0.1, 0.2]), np.array([2, 3]))
+    with pytest.raises(ValueError, match=r"merges: expected merge 0 .* got a=0, b=4"):
+        cut(m, 1.0)
+    assert cut(m, 0.05).tolist() == [0, 1, 2]  # merges above the cut are not applied (nor checked)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
