@@ -156,8 +156,10 @@ def _nearest_centroid(x: torch.Tensor, C: torch.Tensor, metric: str, cn: torch.T
 
 
 def kmeans(X: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, work: int) -> torch.Tensor:
-    """Lloyd's k-means on the device (spherical for cosine). Centroid sums are taken as float64
-    prefix-sum differences over the rows sorted by cell: deterministic, unlike atomic adds."""
+    """Lloyd's k-means on the device (spherical for cosine). Centroid sums are float64 segment
+    sums over the rows sorted by cell: deterministic, unlike atomic adds. (They were prefix-sum
+    differences: a cumsum along dim 0 runs on a GPU as one sequential scan per column, and the
+    coarse k-means of a 10M-row graph took 6.3 s on an H100.)"""
     n, d = X.shape
     g = torch.Generator().manual_seed(seed)
     C = X[torch.randperm(n, generator=g)[:nlist].to(X.device)].clone()
@@ -166,9 +168,7 @@ def kmeans(X: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, w
         a = _nearest_centroid(X, C, metric, cn, work)
         order = torch.argsort(a, stable=True)
         counts = torch.bincount(a, minlength=nlist)
-        ends = counts.cumsum(0)
-        cs = torch.cat([torch.zeros(1, d, dtype=torch.float64, device=X.device), X[order].double().cumsum(0)])
-        sums = cs[ends] - cs[ends - counts]
+        sums = torch.segment_reduce(X[order].double(), "sum", lengths=counts, axis=0)
         newC = (sums / counts.clamp(min=1)[:, None]).float()
         empty = counts == 0
         if bool(empty.any()):  # re-seed empty cells with random sample rows

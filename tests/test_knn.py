@@ -429,3 +429,42 @@ def test_two_level_faiss_ivf_search_matches_the_table(metric):
                 same = np.mean(np.all(a == b, axis=1))
                 assert same >= 0.999, (probes, p, same)
                 assert np.array_equal(np.sort(a, 1)[:, :1] < 0, np.sort(b, 1)[:, :1] < 0)  # same short rows
+
+
+def _lloyd_reference(X: np.ndarray, nlist: int, niter: int, seed: int, metric: str) -> np.ndarray:
+    """Slow, obvious Lloyd's k-means in float64 with `kmeans`'s seeding (the same torch generator
+    calls: a permutation for the initial rows, random rows for empty cells)."""
+    n = X.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    C = X[torch.randperm(n, generator=g)[:nlist].numpy()].astype(np.float64)
+    for _ in range(niter):
+        if metric == "cosine":
+            a = np.argmax(X @ C.T, axis=1)
+        else:
+            a = np.argmin(((X[:, None, :] - C[None]) ** 2).sum(-1), axis=1)
+        newC = np.zeros_like(C)
+        for c in range(nlist):
+            members = X[a == c]
+            if len(members):
+                newC[c] = members.astype(np.float64).mean(0)
+        empty = np.array([not (a == c).any() for c in range(nlist)])
+        if empty.any():
+            newC[empty] = X[torch.randint(0, n, (int(empty.sum()),), generator=g).numpy()]
+        C = newC / np.linalg.norm(newC, axis=1, keepdims=True) if metric == "cosine" else newC
+    return C
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_torch_kmeans_matches_lloyd_reference(metric):
+    from cm_engine._knn_torch import kmeans
+
+    rng = np.random.default_rng(5)
+    centers = rng.normal(size=(12, 16)) * 5
+    X = (centers[rng.integers(0, 12, 3000)] + rng.normal(size=(3000, 16))).astype(np.float32)
+    if metric == "cosine":
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+    # 40 cells on 12 blobs: some cells empty out and are re-seeded along the way.
+    got = kmeans(torch.from_numpy(X), 40, niter=6, seed=3, metric=metric, work=1 << 20).numpy()
+    want = _lloyd_reference(X, 40, 6, 3, metric)
+    assert got.dtype == np.float32 and got.shape == (40, 16)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
