@@ -125,9 +125,11 @@ def current_rss_bytes() -> int:
 
 
 def git_commit() -> str | None:
+    """HEAD's short hash, with "-dirty" when tracked files differ from it (a copied working tree,
+    as on a lent GPU machine, can carry a stale HEAD: the suffix says so)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=REPO,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
     except Exception:
         return None
 
