@@ -261,3 +261,16 @@ def test_select_dedup_bad_input_exits_2_and_writes_nothing(copy_files, capsys, e
     assert err.startswith("cm-engine: error:") and err.count("\n") == 1, err
     assert expect.lower() in err.lower(), err
     assert _listing(d) == before and not out.exists()
+
+
+@pytest.mark.parametrize("env, want", [(None, "1"), ("0", "0")])
+def test_import_turns_on_huge_pages_for_torch_unless_the_environment_says_otherwise(env, want):
+    import os
+
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        e["THP_MEM_ALLOC_ENABLE"] = env
+    r = subprocess.run([sys.executable, "-c", "import cm_engine, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"],
+                       env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
