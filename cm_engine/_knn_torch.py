@@ -160,7 +160,7 @@ def kmeans(X: torch.Tensor, nlist: int, *, niter: int, seed: int, metric: str, w
     sums over the rows sorted by cell: deterministic, unlike atomic adds. (They were prefix-sum
     differences: a cumsum along dim 0 runs on a GPU as one sequential scan per column, and the
     coarse k-means of a 10M-row graph took 6.3 s on an H100.)"""
-    n, d = X.shape
+    n = X.shape[0]
     g = torch.Generator().manual_seed(seed)
     C = X[torch.randperm(n, generator=g)[:nlist].to(X.device)].clone()
     for _ in range(niter):
