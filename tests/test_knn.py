@@ -443,11 +443,9 @@ def _lloyd_reference(X: np.ndarray, nlist: int, niter: int, seed: int, metric: s
         else:
             a = np.argmin(((X[:, None, :] - C[None]) ** 2).sum(-1), axis=1)
         newC = np.zeros_like(C)
-        for c in range(nlist):
-            members = X[a == c]
-            if len(members):
-                newC[c] = members.astype(np.float64).mean(0)
-        empty = np.array([not (a == c).any() for c in range(nlist)])
+        empty = np.bincount(a, minlength=nlist) == 0
+        for c in np.flatnonzero(~empty):
+            newC[c] = X[a == c].astype(np.float64).mean(0)
         if empty.any():
             newC[empty] = X[torch.randint(0, n, (int(empty.sum()),), generator=g).numpy()]
         C = newC / np.linalg.norm(newC, axis=1, keepdims=True) if metric == "cosine" else newC
