@@ -166,7 +166,8 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
       "sq16" | "sq8": how FAISS stores the pool), memory_limit_bytes (when the float32 pool is
       larger, FAISS stores it compressed); (both approximate searches) when nprobe is not given
       it is tuned: the smallest nprobe whose recall@k on `tune_rows` sample rows (default 1000)
-      is at least `target_recall` (default 0.95) with two standard errors to spare; (torch
+      is at least `target_recall` (default 0.95) with two standard errors to spare (torch
+      approximate: then lowered to the smallest whose reach in the grouped join passes); (torch
       approximate) max_cell_probes (cells a cell's queries search as one matrix, default
       2 * nprobe; cut requests are searched in a second pass), kernel (per-cell search on the CPU
       with FAISS: "auto" = "torch" (matmul + topk) | "faiss" (faiss.knn)); (torch) compute_dtype ("float32" | "float16" |

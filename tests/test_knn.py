@@ -257,6 +257,44 @@ def test_two_level_grouped_search_recall(no_faiss, coarse_probes, monkeypatch):
 
 
 @pytest.mark.parametrize("no_faiss", [False, True])
+def test_grouped_reach_is_each_rows_recall_in_the_graph(no_faiss, monkeypatch):
+    """The grouped tuning's reach model against the search it models: for the tuning rows, the
+    per-row reach at the chosen nprobe p, and at p - 1 (the graph rebuilt with nprobe=p - 1 given),
+    equals each row's recall in the finished graph (CPU worker join, or the batched join) up to
+    distance ties; p - 1 misses the 2-SE bound, and p is at most the per-query IVF estimate."""
+    from cm_engine import _knn_torch as kt
+    from cm_engine.knn import _recall_rows, mean_se
+
+    if no_faiss:
+        monkeypatch.setattr(kt, "_faiss_importable", lambda: False)
+    seen = []
+    real = kt._tune_grouped
+    monkeypatch.setattr(kt, "_tune_grouped", lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    X = clustered(6000)
+    exact = knn_graph(X, k=10, backend="faiss", exact=True)
+    g = knn_graph(X, k=10, backend="torch", exact=False, target_recall=0.97, tune_rows=600)
+    info = g.info
+    (req, inv, counts, off, rows, nbrs), kw = seen[0]
+    p = info["nprobe"]
+    assert 1 < p <= info["nprobe_ivf"] and info["tune_recall"] - 2 * info["tune_recall_se"] >= 0.97
+
+    def recall_rows(graph):
+        return _recall_rows(KNNGraph(graph.indices[rows], graph.distances[rows], "cosine", 10),
+                            KNNGraph(exact.indices[rows], exact.distances[rows], "cosine", 10))
+
+    for q, graph in [(p, g), (p - 1, knn_graph(X, k=10, backend="torch", exact=False, nprobe=p - 1))]:
+        reach = kt._grouped_reach(req, inv, counts, off, rows, nbrs, q, min(counts.size, 2 * q))
+        got = recall_rows(graph)
+        # equal but for distance ties (near-duplicate rows): recall counts a tied row found in a
+        # searched cell, reach only the one the exact list names
+        assert (reach <= got + 1e-12).all(), f"nprobe {q}"
+        assert (np.abs(reach - got) < 1e-12).mean() >= 0.99, f"nprobe {q}"
+    mean, se = mean_se(kt._grouped_reach(req, inv, counts, off, rows, nbrs, p - 1, min(counts.size, 2 * (p - 1))))
+    assert mean - 2 * se < 0.97
+    assert info["tune_recall"] <= info["sample_recall"] <= info["tune_recall"] + 0.005
+
+
+@pytest.mark.parametrize("no_faiss", [False, True])
 def test_two_level_training_with_flat_search(no_faiss, monkeypatch):
     """Between _TWO_LEVEL_TRAIN_CELLS and _TWO_LEVEL_CELLS the cells are trained in two levels and
     searched flat (every cell ranked): the grouped search still meets its recall target."""

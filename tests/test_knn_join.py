@@ -32,17 +32,35 @@ def reference_probes(req, counts, cap):
     return probes, cut
 
 
-@pytest.mark.parametrize("cap", [1, 2, 5])
-def test_probe_table_matches_the_loop(cap):
+def random_requests():
+    """(counts [9], req [N, 4]): 9 cells, one empty that rows still request; each row's own cell
+    first, then 3 random requests."""
     rng = np.random.default_rng(3)
     counts = rng.integers(0, 6, 9)
-    counts[[0, 4]] = [3, 0]  # an empty cell that rows still request
+    counts[[0, 4]] = [3, 0]
     own = np.repeat(np.arange(9), counts)
-    req = np.concatenate([own[:, None], rng.integers(0, 9, (own.size, 3))], 1)
+    return counts, np.concatenate([own[:, None], rng.integers(0, 9, (own.size, 3))], 1)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 5])
+def test_probe_table_matches_the_loop(cap):
+    counts, req = random_requests()
     want_p, want_cut = reference_probes(req, counts, cap)
     got_p, got_cut = kj.probe_table(torch.from_numpy(req), torch.from_numpy(counts), cap)
     np.testing.assert_array_equal(got_p.numpy(), want_p)
     np.testing.assert_array_equal(got_cut.numpy(), want_cut)
+
+
+def test_cell_probes_skip_empty_cells():
+    """_cell_probes (the CPU join's choice for one cell) against the loop reference of the batched
+    join's probe table: own cell first, then most-asked non-empty cells, ties by cell id."""
+    counts, req = random_requests()
+    off = np.concatenate([[0], np.cumsum(counts)])
+    for cap in (1, 2, 5):
+        want, _ = reference_probes(req, counts, cap)
+        for c in np.flatnonzero(counts):
+            got = _knn_torch._cell_probes(req[off[c]:off[c + 1]], int(c), counts, cap)
+            np.testing.assert_array_equal(got, want[c][want[c] >= 0])
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
@@ -133,3 +151,17 @@ def test_two_level_table_search_matches_a_loop(metric):
             assert (got[r][len(want):] == -1).all()
         padded = qz.search(x, p)
         assert (padded >= 0).all() and (padded[:, 0] == got[:, 0]).all()
+
+
+def test_held_out_rows_avoid_the_sample():
+    """held_out_rows against np.setdiff1d: the same pick from the rows outside the sample, sorted
+    and distinct; all rows when the sample leaves too few."""
+    rng = np.random.default_rng(0)
+    for n, ns, m in [(100, 30, 20), (50, 49, 1), (1000, 0, 10), (10, 5, 6)]:
+        sample = np.sort(rng.choice(n, ns, replace=False))
+        got = _knn_torch.held_out_rows(n, sample, m, seed=4)
+        assert got.size == min(m, n) and (np.diff(got) > 0).all() and got.min() >= 0 and got.max() < n
+        if n - ns >= m:
+            rest = np.setdiff1d(np.arange(n), sample)
+            want = rest[np.sort(np.random.default_rng([4, 0x2A]).choice(rest.size, size=m, replace=False))]
+            np.testing.assert_array_equal(got, want)
