@@ -521,8 +521,10 @@ def worker_ours(cfg) -> dict:
                                             device=device, seed=cfg["seed"]))
         if graph is not None:
             gi = getattr(graph, "info", None) or {}
-            res["knn_info"] = {key: gi[key] for key in ("backend", "nlist", "nprobe", "candidates_per_row",
-                                                         "cell_size_max", "sample_recall", "phase_s") if key in gi}
+            res["knn_info"] = {key: gi[key] for key in ("backend", "nlist", "nprobe", "nprobe_ivf", "coarse_probes",
+                                                         "candidates_per_row", "cell_size_max", "tune_recall",
+                                                         "tune_recall_se", "sample_recall", "tune_tried",
+                                                         "reach_tried", "phase_s") if key in gi}
             out = run("hac", lambda: ours_hac(graph, n=n, mean_size=MEAN_CLUSTER_SIZE, device=device,
                                                      pool=str(pool_path)))
             if out is not None:

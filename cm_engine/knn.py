@@ -113,6 +113,12 @@ def _import_faiss():
     return faiss
 
 
+def faiss_metric(metric: str) -> int:
+    """FAISS's metric constant for ours: inner product for "cosine" (rows are unit length), else L2."""
+    faiss = _import_faiss()
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+
+
 def _faiss_available() -> bool:
     try:
         _import_faiss()
@@ -473,7 +479,7 @@ def _faiss_exact(pool: Pool, *, k, metric, dev, budget, out, progress):
     faiss = _import_faiss()
     n, d = pool.shape
     kk = k + 1
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    mt = faiss_metric(metric)
     limit = max(budget, _memory_limit())
     db_rows = min(n, max(kk, limit // (4 * d)))
     q_rows = rows_per_block(4 * d + 12 * kk, budget // 4, maximum=n)
@@ -565,7 +571,7 @@ def _faiss_ivf(pool: Pool, *, k, metric, dev, budget, out, progress, seed, nlist
     train_per_cell = train_per_cell or 40
     niter = 10 if niter is None else niter
     target_recall = DEFAULT_TARGET_RECALL if target_recall is None else target_recall
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
+    mt = faiss_metric(metric)
     limit = memory_limit_bytes or _memory_limit()
     if index == "auto":
         index = "flat" if n * d * 4 <= limit else ("sq16" if n * d * 2 <= limit else "sq8")
