@@ -191,6 +191,12 @@ def _cell_probes(req: np.ndarray, c: int, counts: np.ndarray, cap: int) -> np.nd
     return asked[order[:cap]]
 
 
+def cell_cap(nlist: int, max_cell_probes: int | None, nprobe: int) -> int:
+    """Cells a cell's queries search as one matrix: `max_cell_probes`, default 2 * nprobe, at
+    most nlist. One rule for the join and for the reach model that tunes it."""
+    return min(nlist, max_cell_probes or 2 * nprobe)
+
+
 def _grouped_reach(req: np.ndarray, inv: np.ndarray, counts: np.ndarray, off: np.ndarray, rows: np.ndarray,
                    nbrs: np.ndarray, p: int, cap: int) -> np.ndarray:
     """Per-row share of the true neighbours that the grouped search at nprobe p reaches.
@@ -248,7 +254,7 @@ def _tune_grouped(req: np.ndarray, inv: np.ndarray, counts: np.ndarray, off: np.
     memo = {}
 
     def passes(p):
-        memo[p] = mean_se(_grouped_reach(req, inv, counts, off, rows, nbrs, p, min(nlist, max_cell_probes or 2 * p)))
+        memo[p] = mean_se(_grouped_reach(req, inv, counts, off, rows, nbrs, p, cell_cap(nlist, max_cell_probes, p)))
         return memo[p][0] - 2 * memo[p][1] >= target
 
     # The ladder's steps first, then every nprobe between the last that fails and the first that
@@ -690,7 +696,6 @@ def _join_workers(xs: np.ndarray, req: np.ndarray, perm: np.ndarray, counts: np.
     are disjoint); the cut requests' results are merged into their rows on this thread, in cell
     order, so the graph does not depend on thread timing. Returns (pairs searched, cut requests).
     """
-    nlist = counts.size
     wb = max(1, work // (2 * workers.n))  # each worker's share of the working memory
     opts = dict(kc=kc, metric=metric, work=wb, kernel=kernel, cdt=cdt)
 
@@ -853,7 +858,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
         lap("tune")
     del xt
     nprobe = min(nprobe, nlist)
-    cap = min(nlist, max_cell_probes or 2 * nprobe)
+    cap = cell_cap(nlist, max_cell_probes, nprobe)
 
     # 2. Each point's nprobe nearest cells; sorted copy of the pool (float32, prepped) so that
     #    cells are slices.
@@ -884,7 +889,7 @@ def _grouped_search(pool, *, k, metric, dev, budget, out, progress, seed, nlist,
                      "tune_recall_se_ivf": info["tune_recall_se"], **reach})
         if nprobe < p_ivf:
             req = np.ascontiguousarray(req[:, :nprobe])
-            cap = min(nlist, max_cell_probes or 2 * nprobe)
+            cap = cell_cap(nlist, max_cell_probes, nprobe)
         lap("tune_grouped")
 
     # 3. The self-join, cell by cell (4. then the requests the cap cut).

@@ -283,13 +283,14 @@ def test_grouped_reach_is_each_rows_recall_in_the_graph(no_faiss, monkeypatch):
                             KNNGraph(exact.indices[rows], exact.distances[rows], "cosine", 10))
 
     for q, graph in [(p, g), (p - 1, knn_graph(X, k=10, backend="torch", exact=False, nprobe=p - 1))]:
-        reach = kt._grouped_reach(req, inv, counts, off, rows, nbrs, q, min(counts.size, 2 * q))
+        reach = kt._grouped_reach(req, inv, counts, off, rows, nbrs, q, kt.cell_cap(counts.size, None, q))
         got = recall_rows(graph)
         # equal but for distance ties (near-duplicate rows): recall counts a tied row found in a
         # searched cell, reach only the one the exact list names
         assert (reach <= got + 1e-12).all(), f"nprobe {q}"
         assert (np.abs(reach - got) < 1e-12).mean() >= 0.99, f"nprobe {q}"
-    mean, se = mean_se(kt._grouped_reach(req, inv, counts, off, rows, nbrs, p - 1, min(counts.size, 2 * (p - 1))))
+    below = kt._grouped_reach(req, inv, counts, off, rows, nbrs, p - 1, kt.cell_cap(counts.size, None, p - 1))
+    mean, se = mean_se(below)
     assert mean - 2 * se < 0.97
     assert info["tune_recall"] <= info["sample_recall"] <= info["tune_recall"] + 0.005
 
