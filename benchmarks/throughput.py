@@ -522,9 +522,9 @@ def worker_ours(cfg) -> dict:
         if graph is not None:
             gi = getattr(graph, "info", None) or {}
             res["knn_info"] = {key: gi[key] for key in ("backend", "nlist", "nprobe", "nprobe_ivf", "coarse_probes",
-                                                         "candidates_per_row", "cell_size_max", "tune_recall",
-                                                         "tune_recall_se", "sample_recall", "tune_tried",
-                                                         "reach_tried", "phase_s") if key in gi}
+                                                         "candidates_per_row", "cell_size_max", "compute_dtype",
+                                                         "tune_recall", "tune_recall_se", "sample_recall",
+                                                         "tune_tried", "reach_tried", "phase_s") if key in gi}
             out = run("hac", lambda: ours_hac(graph, n=n, mean_size=MEAN_CLUSTER_SIZE, device=device,
                                                      pool=str(pool_path)))
             if out is not None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ._device import log_memory_estimate, rows_per_block
+from ._knn_kernels import top_largest
 from .knn import _prep, exact_distances, faiss_metric, finish_rows, finish_rows_np, gather_rows
 
 log = logging.getLogger("cm_engine")
@@ -650,10 +651,10 @@ def _tune_nprobe(pool, rows: np.ndarray, q: torch.Tensor, qz: "_Quantizer", *, k
 def _cell_search(q: np.ndarray, cand: np.ndarray, *, kc: int, metric: str, work: int, kernel: str,
                  cdt: torch.dtype):
     """Nearest candidates of queries q [m, d] among cand [M, d] (prepped float32), in query blocks:
-    (positions in cand [m, min(kc, M)] int64, float32 distances). kernel "torch": matmul + topk
-    (cdt: matmul dtype), "faiss": faiss.knn. Distances: cosine from the float32 inner products of
-    unit rows, else recomputed from the rows (l2: BLAS's |a|^2 + |b|^2 - 2ab cancels). For worker
-    threads: every op here runs single-threaded in them."""
+    (positions in cand [m, min(kc, M)] int64, float32 distances). kernel "torch": matmul (cdt:
+    its dtype) + `top_largest`, "faiss": faiss.knn. Distances: cosine from the float32 inner
+    products of unit rows, else recomputed from the rows (l2: BLAS's |a|^2 + |b|^2 - 2ab
+    cancels). For worker threads: every op here runs single-threaded in them."""
     mt = None
     if kernel == "faiss":
         import faiss
@@ -672,12 +673,11 @@ def _cell_search(q: np.ndarray, cand: np.ndarray, *, kc: int, metric: str, work:
         if kernel == "faiss":
             D, i = faiss.knn(qb, cand, kb, metric=mt)
         else:
-            S = torch.from_numpy(qb).to(cdt) @ tcc.T
-            if exact_ip:  # the float32 similarities are the result: no second pass over the rows
-                v, ii = S.topk(kb, dim=1, sorted=False)
-                D, i = v.numpy(), ii.numpy()
-            else:
-                i = _key(S, metric, dn).topk(kb, dim=1, largest=False, sorted=False).indices.numpy()
+            S = (torch.from_numpy(qb).to(cdt) @ tcc.T).float()
+            if metric == "l2":  # 2ab - |b|^2: larger is nearer
+                S.mul_(2.0).sub_(dn)
+            # fused selection: torch.topk's copy of every (value, index) pair cost about what the product did
+            D, i = top_largest(S.numpy(), kb)  # float32 similarities: the result when exact_ip
         sel[s:s + bq] = i
         if exact_ip:
             np.clip(1.0 - D, 0.0, 2.0, out=dist[s:s + bq])

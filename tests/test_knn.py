@@ -505,3 +505,50 @@ def test_torch_kmeans_matches_lloyd_reference(metric):
     want = _lloyd_reference(X, 40, 6, 3, metric)
     assert got.dtype == np.float32 and got.shape == (40, 16)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("no_faiss", [False, True])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_bfloat16_ranked_grouped_search(metric, no_faiss, monkeypatch):
+    """compute_dtype="bfloat16" on the CPU: cells' candidates ranked by bfloat16 products with
+    _REDUCED_PAD spare, then re-ranked by float32 distances. With every cell searched the graph
+    misses almost no true neighbour, and every reported distance is the float32 distance of the
+    listed pair, not the bfloat16 score."""
+    from cm_engine import _knn_torch as kt
+
+    if no_faiss:
+        monkeypatch.setattr(kt, "_faiss_importable", lambda: False)
+    X = clustered(1200)
+    g = knn_graph(X, k=8, metric=metric, backend="torch", exact=False, nlist=10, nprobe=10, max_cell_probes=4,
+                  compute_dtype="bfloat16")
+    assert g.info["compute_dtype"] == "bfloat16"
+    I, _, D = reference(X, 8, metric)
+    hit = np.mean([len(set(a) & set(b)) / 8 for a, b in zip(g.indices.tolist(), I.tolist())])
+    print(f"bfloat16-ranked graph, {metric}, no_faiss={no_faiss}: {hit:.4f} of the exact neighbours")
+    assert hit >= 0.99
+    np.testing.assert_allclose(g.distances, np.take_along_axis(D, g.indices.astype(np.int64), 1), atol=TOL, rtol=TOL)
+    assert (np.diff(g.distances, axis=1) >= 0).all() and (g.indices != np.arange(len(X))[:, None]).all()
+
+
+def test_top_largest_against_a_sort():
+    """The fused selection against a sort, on scores with many ties (any of equal values at the
+    boundary may be kept), kc from 1 to M, and rows whose best come last (every value replaces
+    one)."""
+    from cm_engine._knn_kernels import top_largest
+
+    rng = np.random.default_rng(5)
+    for m, M in ((7, 1), (9, 30), (40, 257)):
+        S = rng.integers(-4, 5, size=(m, M)).astype(np.float32)
+        S[0] = np.arange(M, dtype=np.float32)  # ascending: the worst case
+        for kc in sorted({1, min(3, M), M // 2 or 1, M}):
+            vals, pos = top_largest(S, kc)
+            want = -np.sort(-S, axis=1)[:, :kc]
+            np.testing.assert_array_equal(-np.sort(-vals, 1), want)
+            np.testing.assert_array_equal(vals, np.take_along_axis(S, pos, 1))
+            assert all(len(set(r)) == kc for r in pos.tolist()) and (0 <= pos).all() and (pos < M).all()
+            if kc < M:  # nothing left out beats what was kept
+                out = np.ones_like(S, bool)
+                np.put_along_axis(out, pos, False, 1)
+                assert (np.where(out, S, -np.inf).max(1) <= vals.min(1)).all()
+    with pytest.raises(ValueError, match="kc"):
+        top_largest(np.zeros((2, 3), np.float32), 4)
