@@ -767,7 +767,7 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     each point's own nprobe cells are covered unless the cap cuts them. On the CPU with FAISS,
     k-means, the quantizer and the tuning sample's exact search are FAISS's, and the cells run
     on single-threaded worker threads (torch.get_num_threads() of them; torch's thread count
-    is held at 1 meanwhile), each cell searched by `kernel`: "torch" (matmul + topk; "auto")
+    is held at 1 meanwhile), each cell searched by `kernel`: "torch" (matmul + `top_largest`; "auto")
     or "faiss" (faiss.knn). On CUDA or without FAISS: one loop of torch matmul + topk.
     nprobe=None tunes it to `target_recall` on `tune_rows` sample rows (see `_tune_nprobe`); the
     recall those rows reach in the finished graph is reported as info["sample_recall"];
@@ -782,7 +782,7 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
     kc = k + 1 + (0 if cdt == torch.float32 else _REDUCED_PAD)
     work = _work_bytes(budget, dev)
     # On the CPU with FAISS: FAISS's k-means, quantizer and sample search, and the cells on
-    # single-threaded worker threads (per-cell search: torch matmul + topk, or faiss.knn, which
+    # single-threaded worker threads (per-cell search: torch matmul + top_largest, or faiss.knn, which
     # ran ~1.5x slower per cell of ~256 queries here). Else (CUDA, no FAISS): one loop in torch.
     use_workers = dev.type == "cpu" and (kernel == "faiss" or _faiss_importable())
     if kernel == "faiss" and dev.type != "cpu":

@@ -176,8 +176,9 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
       approximate: then lowered to the smallest whose reach in the grouped join passes); (torch
       approximate) max_cell_probes (cells a cell's queries search as one matrix, default
       2 * nprobe; cut requests are searched in a second pass), kernel (per-cell search on the CPU
-      with FAISS: "auto" = "torch" (matmul + topk) | "faiss" (faiss.knn)); (torch) compute_dtype ("float32" | "float16" |
-      "bfloat16"; final distances are always recomputed in float32).
+      with FAISS: "auto" = "torch" (matmul + fused top-k) | "faiss" (faiss.knn)); (torch)
+      compute_dtype ("float32" | "float16" | "bfloat16"; final distances are always recomputed
+      in float32).
     Returns a KNNGraph with indices [N, k] (int32 if N < 2**31) and distances [N, k] float32.
     """
     pool = Pool(embeddings, name="embeddings")
