@@ -109,7 +109,8 @@ def _scan(E, block, fn):
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 
-def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progress=None, feats=None):
+def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progress=None, feats=None,
+        relink=None):
     """Reciprocal-nearest-neighbour rounds until no mutual pair at linkage <= max_epsilon is left.
 
     edges: [key int64 [E], d float64 [E]] as `symmetrize` returns them (key = u * n + v, u < v,
@@ -120,6 +121,11 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
     clusters is then exact, from the Lance-Williams sums or `cosine_linkage` of the clusters'
     row sums (feats is overwritten with the sums); singleton pairs keep their edge distance d.
     impute is ignored then.
+    relink: None, or (with feats) a callable(sums float [C, d]) -> int64 [C, k'] (rows of `sums`,
+    -1 for none): the clusters whose sums point nearest each cluster's. Called each time the
+    number of clusters has halved (n/2, n/4, ...) and once more whenever the rounds stall; each
+    cluster then also shares an edge (exact linkage from the sums) with those k' clusters, so
+    clusters whose k-NN edges run out still reach their nearest neighbours (see hac.py).
     Returns (a, b, height, size, rounds): merges in creation order, node ids in scipy's
     convention (leaf i is i, the j-th merge makes node n + j), heights made monotone along the
     tree (max with the children's heights, a no-op for a reducible linkage).
@@ -176,6 +182,67 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         return _scan(E, block, lambda s, e: torch.nonzero(
             mask.index_select(0, A["u"][s:e]) | mask.index_select(0, A["v"][s:e])).squeeze(1) + s)
 
+    def append(nu, nv, nS, nc, nM, nL):
+        """Append q new live edges (slot pairs nu < nv, unique and not already live)."""
+        nonlocal E, live
+        q = nu.numel()
+        live += q
+        # Compact the live edges when out of spare capacity, or when most of [0, E) is dead
+        # (late rounds merge few clusters each: scans over dead edges would dominate them).
+        # One array at a time, so the peak is the old arrays plus one new one (not two full sets).
+        if E + q > A["u"].numel() or live < E // 2:
+            keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
+            E = keepi.numel()
+            cap = capacity(E + q)
+            for name, (dt, fill) in spec.items():
+                t = torch.full((cap,), fill, dtype=dt, device=dev)
+                torch.index_select(A[name], 0, keepi, out=t[:E])
+                A[name] = t
+                del t
+            del keepi
+        A["u"][E:E + q] = nu
+        A["v"][E:E + q] = nv
+        A["S"][E:E + q] = nS
+        A["c"][E:E + q] = nc
+        if bound:
+            A["M"][E:E + q] = nM
+        A["L"][E:E + q] = nL
+        E += q
+
+    def add_links():
+        """Edges from every live cluster to the clusters `relink` names (those not yet adjacent),
+        with their exact linkage; returns the slots they touch (int64)."""
+        nonlocal links
+        t_link = time.perf_counter()
+        act = torch.nonzero(size[:n] > 0).squeeze(1)
+        nb = relink(feats.index_select(0, act)) if act.numel() > 1 else None
+        if nb is None or nb.numel() == 0:
+            return act[:0]
+        nb = nb.to(device=dev, dtype=I64)
+        su = act.repeat_interleave(nb.shape[1])
+        nb = nb.reshape(-1)
+        ok = nb >= 0
+        su, sv = su.masked_select(ok), act.index_select(0, nb.masked_select(ok))
+        del nb, ok
+        key = torch.minimum(su, sv) * n + torch.maximum(su, sv)
+        key = torch.unique(key.masked_select(su != sv))
+        del su, sv
+        lk = _scan(E, block, lambda s, e: (A["u"][s:e] * n + A["v"][s:e]).masked_select(A["u"][s:e] != n))
+        key = key.masked_select(~torch.isin(key, lk))
+        del lk
+        nu, nv = key // n, key % n
+        del key
+        nL = cosine_linkage(feats, size, nu, nv, block)
+        prod = size.index_select(0, nu) * size.index_select(0, nv)
+        append(nu, nv, nL * prod, prod, None, nL)  # relink implies feats, so never the "bound" rule
+        links += nu.numel()
+        log.info("hac: relinked %d clusters, %d new edges, %.2f s", act.numel(), nu.numel(), time.perf_counter() - t_link)
+        return torch.cat([nu, nv])
+
+    # relink schedule: next when the clusters number <= next_relink; on a stall, once per count.
+    next_relink = n // 2 if relink is not None and feats is not None else -1
+    stalled_at = n + 1
+    links = 0
     dirty = torch.arange(n, dtype=I64, device=dev)  # slots whose nearest neighbour is recomputed
     out_a, out_b, out_h, out_s = [], [], [], []
     done = 0
@@ -213,7 +280,17 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         x, y = x.masked_select(once), y.masked_select(once)
         x, y = torch.minimum(x, y), torch.maximum(x, y)
         if x.numel() == 0:
-            break
+            # Stalled: no reciprocal pair along the edges. Relink once at this count (it may
+            # join clusters whose edges ran out, or other components); stop if nothing new.
+            if next_relink < 0 or n - done >= stalled_at or n - done < 2:
+                break
+            stalled_at = n - done
+            next_relink = min(next_relink, (n - done) // 2)
+            dirty = add_links()
+            if dirty.numel() == 0:
+                break
+            dirty = torch.unique(dirty)
+            continue
         p = x.numel()
         rounds += 1
         h = torch.maximum(best.index_select(0, x), torch.maximum(height.index_select(0, x), height.index_select(0, y)))
@@ -289,41 +366,28 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         else:
             nL = linkage(nS, nc, nM, size.index_select(0, nu), size.index_select(0, nv),
                          R.index_select(0, nu), R.index_select(0, nv), *impute)
-        live += q - n_touch
-        # Compact the live edges when out of spare capacity, or when most of [0, E) is dead
-        # (late rounds merge few clusters each: scans over dead edges would dominate them).
-        # One array at a time, so the peak is the old arrays plus one new one (not two full sets).
-        if E + q > A["u"].numel() or live < E // 2:
-            keepi = _scan(E, block, lambda s, e: torch.nonzero(A["u"][s:e] != n).squeeze(1) + s)
-            E = keepi.numel()
-            cap = capacity(E + q)
-            for name, (dt, fill) in spec.items():
-                t = torch.full((cap,), fill, dtype=dt, device=dev)
-                torch.index_select(A[name], 0, keepi, out=t[:E])
-                A[name] = t
-                del t
-            del keepi
-        A["u"][E:E + q] = nu
-        A["v"][E:E + q] = nv
-        A["S"][E:E + q] = nS
-        A["c"][E:E + q] = nc
-        if bound:
-            A["M"][E:E + q] = nM
-        A["L"][E:E + q] = nL
-        E += q
+        live -= n_touch
+        append(nu, nv, nS, nc, nM, nL)
         # Next round's dirty clusters: the merged ones and every endpoint of a re-coalesced edge.
         flag.index_fill_(0, x, True)
         flag.index_fill_(0, nu, True)
         flag.index_fill_(0, nv, True)
+        del nu, nv, nS, nc, nM, nL
+        if relink is not None and n - done <= next_relink:
+            next_relink = (n - done) // 2
+            linked = add_links()
+            flag.index_fill_(0, linked, True)
+            del linked
         dirty = torch.nonzero(flag).squeeze(1)
         flag.index_fill_(0, dirty, False)
-        del nu, nv, nS, nc, nM, nL
         log.debug("hac round %d: %d merges (%d total), %d live edges", rounds, p, done, live)
         if time.perf_counter() - t_log >= 10.0:  # long runs say where they are (INFO, every ~10 s)
             t_log = time.perf_counter()
             log.info("hac: round %d, %d of %d merges, %d live edges", rounds, done, n - 1, live)
         if progress is not None:
             progress(done, n - 1)
+    if links:
+        log.info("hac: relinking added %d edges", links)
     if out_a:
         a, b, h, sz = (torch.cat(t) for t in (out_a, out_b, out_h, out_s))
     else:

@@ -146,7 +146,8 @@ def _stage_done(timings: dict, stage: str, t0: float) -> float:
 def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, metric: str = "cosine",
             backend: str = "auto", device="auto", cache_dir=None, seed: int = 0, budget_bytes=None,
             progress: Callable | None = None, exact: bool | None = None, missing: str | None = None,
-            missing_value: float | None = None, verify: str = "full", full_fingerprint: bool = False,
+            missing_value: float | None = None, relink: int | None = None, verify: str = "full",
+            full_fingerprint: bool = False,
             **options) -> Clustering:
     """Average-linkage HAC clusters of `embeddings` [N, d] over its k-NN graph, cached.
 
@@ -157,7 +158,10 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
       `knn_graph` (options are its backend options: nlist, nprobe, ...). missing, missing_value:
       how pairs that are not graph edges count in the linkage (see `hac`). None: "exact" for
       cosine (exact average linkage from the embeddings, the graph only restricting which
-      clusters may merge), "constant" for l2.
+      clusters may merge), "constant" for l2. relink: with "exact", every time the clusters have
+      halved in number each one is also linked to its `relink` nearest clusters by the direction of
+      their row sums, so merges are not limited to k-NN edges (see `hac`); None: 16 for "exact", 0
+      (off) otherwise.
     cache_dir: directory of the on-disk cache (created if needed; must be writable), or None.
     verify: "full" (checksum cached arrays on load) or "size". full_fingerprint: hash every byte
       of the pool for the key instead of the default sample of rows.
@@ -174,7 +178,8 @@ def cluster(embeddings, *, epsilon=None, target_mean_size=None, k: int = 16, met
 
     if missing is None:
         missing = "exact" if metric == "cosine" else "constant"
-    hac_kw = {key: v for key, v in (("missing", missing), ("missing_value", missing_value)) if v is not None}
+    hac_kw = {key: v for key, v in (("missing", missing), ("missing_value", missing_value), ("relink", relink))
+              if v is not None}
     hparams = HACParams(**hac_kw)  # validates missing / missing_value (ValueError naming them)
     if hparams.missing == "exact" and metric != "cosine":
         raise ValueError(f'missing: "exact" is for metric "cosine", got metric {metric!r} (use "constant")')

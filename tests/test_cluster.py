@@ -105,6 +105,14 @@ def test_graph_reused_when_only_merges_missing(X, tmp_path):
     c = cluster(X, k=8, epsilon=0.05, cache_dir=tmp_path, missing="edges")
     assert c.cache_hits == {"graph": True, "merges": False}
     assert len(_entries(tmp_path, "hac_merges")) == 2 and len(_entries(tmp_path, "knn_graph")) == 1
+    # So does relinking switched off (graph edges only); the default's value is part of the key.
+    d = cluster(X, k=8, epsilon=0.05, cache_dir=tmp_path, relink=0)
+    assert d.cache_hits == {"graph": True, "merges": False} and d.params.hac.relink == 0
+    assert a.params.hac.relink == 16
+    assert cluster(X, k=8, epsilon=0.05, cache_dir=tmp_path, relink=16).cache_hits["merges"] is True
+    with pytest.raises(ValueError, match="relink"):
+        cluster(X, k=8, epsilon=0.05, relink=-1)
+    assert len(_entries(tmp_path, "hac_merges")) == 3
 
 
 def test_corrupt_entries_warn_and_rebuild_same_result(X, tmp_path, caplog):
