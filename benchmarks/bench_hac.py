@@ -245,13 +245,16 @@ def ceiling_mode(args):
     write(f"hac_ari_ceiling{'_quick' if args.quick else ''}.json", out)
 
 
-CONFIGS = {  # label -> (missing, missing_value: None | "pair_mean")
-    "exact": ("exact", None), "constant(max r)": ("constant", None), "constant(pair mean)": ("constant", "pair_mean"),
-    "bound": ("bound", None), "edges": ("edges", None)}
+CONFIGS = {  # label -> (missing, missing_value: None | "pair_mean", relink: None = hac's default)
+    "exact": ("exact", None, None), "exact(edges only)": ("exact", None, 0),
+    "constant(max r)": ("constant", None, None), "constant(pair mean)": ("constant", "pair_mean", None),
+    "bound": ("bound", None, None), "edges": ("edges", None, None)}
 
 
 def ari_mode(args):
     from sklearn.metrics import adjusted_rand_score
+
+    from cm_engine.hac import HACParams
 
     ks = [16] if args.quick else [int(x) for x in args.ks.split(",")]
     out = {"machine": machine(), "metric": "cosine", "target_mean_size": 10, "command": " ".join(sys.argv),
@@ -276,18 +279,18 @@ def ari_mode(args):
             Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
             pair_mean = float(np.mean(1.0 - np.sum(Xn[i] * Xn[j], axis=1)))
             for label in args.missing_rules.split(","):
-                missing, mv = CONFIGS[label]
+                missing, mv, relink = CONFIGS[label]
                 mv = pair_mean if mv == "pair_mean" else mv
                 rounds = []
                 t0 = time.time()
                 m = hac_merges((I, D), embeddings=X.astype(np.float32) if missing == "exact" else None,
-                               missing=missing, missing_value=mv, device="cpu",
+                               missing=missing, missing_value=mv, relink=relink, device="cpu",
                                progress=lambda d_, t_: rounds.append(d_))
                 t = time.time() - t0
                 lab_same = cut(m, eps_exact)
                 eps_own = epsilon_for_mean_size(m, 10)
                 lab_own = cut(m, eps_own)
-                row = {"dataset": name, "n": n, "k": k, "missing": label, "missing_value": mv,
+                row = {"dataset": name, "n": n, "k": k, "missing": label, "missing_value": mv, "relink": HACParams(missing=missing, relink=relink).relink,
                        "hac_s": round(t, 3), "rounds": len(rounds),
                        "exact_s": round(t_exact, 2), "eps_exact": eps_exact, "eps_own": eps_own,
                        "clusters_exact": int(ref.max()), "clusters_same_eps": int(lab_same.max() + 1),
@@ -320,11 +323,14 @@ def merge_ari():
         for k in sorted({r["k"] for r in rows if r["dataset"] == ds}):
             get = lambda lab: next((r["ari_own_eps"] for r in rows if r["dataset"] == ds and r["k"] == k
                                     and r["missing"] == lab), None)
-            table.append({"dataset": ds, "k": k, "ari_exact_rule": get("exact"), "ari_constant": get("constant(max r)"),
+            table.append({"dataset": ds, "k": k, "ari_exact_rule": get("exact"),
+                          "ari_exact_rule_edges_only": get("exact(edges only)"), "ari_constant": get("constant(max r)"),
                           "ceiling_noise1e-4": c[0] if c else None})
     write("hac_ari.json", {"machine": mach, "metric": "cosine", "target_mean_size": 10, "table": table,
                            "results": rows, "ceiling": ceiling,
-                           "notes": notes + " 'table': ari_own_eps of missing='exact' (cluster()'s default for cosine) "
+                           "notes": notes + " 'table': ari_own_eps of missing='exact' (cluster()'s default for cosine, "
+                                    "relinked: hac's default), of the same rule with relink=0 (merges along graph "
+                                    "edges only, the default before stop 17) "
                                     "and of 'constant(max r)' (the graph-only rule), beside the ARI of exact average "
                                     "linkage on the data + N(0, 1e-4^2) noise against the unperturbed one "
                                     "(hac_ari_ceiling.json). The rules 'bound' and 'edges' (ARI < 0.03 everywhere) "
@@ -388,7 +394,8 @@ def main():
     ap.add_argument("--ks", default="16,32")
     ap.add_argument("--merge-ari", action="store_true")
     ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--missing-rules", dest="missing_rules", default="exact,constant(max r),constant(pair mean)",
+    ap.add_argument("--missing-rules", dest="missing_rules",
+                    default="exact,exact(edges only),constant(max r),constant(pair mean)",
                     help="ari mode: comma-separated labels of CONFIGS")
     ap.add_argument("--ceiling", action="store_true", help="exact linkage on perturbed data vs unperturbed")
     ap.add_argument("--perturb", default="noise1e-4,f16")

@@ -100,6 +100,11 @@ def _cluster_stats(labels: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------------- commands
 
+RELINK_HELP = ("cosine HAC: at each halving of the cluster count, link each cluster to this many nearest clusters "
+               "(by the direction of their row sums) beyond its k-NN edges; 0 = graph edges only (faster, further "
+               "from exact average linkage); default 16")
+
+
 def cmd_cluster(args) -> int:
     from .cluster import cluster
     from .pool import Pool, save_npy
@@ -112,7 +117,7 @@ def cmd_cluster(args) -> int:
     t0 = time.perf_counter()
     res = cluster(args.embeddings, epsilon=args.epsilon, target_mean_size=args.target_mean_size, k=args.k,
                   metric=args.metric, backend=args.backend, device=args.device, cache_dir=args.cache_dir,
-                  seed=args.seed, progress=_progress(args, pool.n, "k-NN graph"))
+                  seed=args.seed, relink=args.relink, progress=_progress(args, pool.n, "k-NN graph"))
     wall = time.perf_counter() - t0
     save_npy(out, res.labels)
     stats = _cluster_stats(res.labels)
@@ -270,7 +275,7 @@ def cmd_demo(args) -> int:
     path = cached_pool(work, spec, progress=_progress(args, spec.n, "pool"))
     lap("pool (generate/open)")
     res = cluster(path, target_mean_size=args.target_mean_size, k=args.k, metric=args.metric,
-                  cache_dir=work / "cache", device=args.device, seed=args.seed,
+                  cache_dir=work / "cache", device=args.device, seed=args.seed, relink=args.relink,
                   progress=_progress(args, spec.n, "k-NN graph"))
     lap("graph + HAC (cached)")
     logits_path = work / f"logits_{spec.name()}_c{args.classes}.npy"
@@ -337,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
     c.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto")
     c.add_argument("--cache-dir", help="reuse graphs and merge lists across runs")
+    c.add_argument("--relink", type=int, default=None, help=RELINK_HELP)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="labels .npy (int64 [N])")
 
@@ -375,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=16)
     d.add_argument("--metric", choices=["cosine", "l2"], default="cosine")
     d.add_argument("--target-mean-size", type=float, default=10.0, help="the paper's setting: about 10")
+    d.add_argument("--relink", type=int, default=None, help=RELINK_HELP)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--workdir", default=os.environ.get("CM_ENGINE_WORKDIR", ".cm-engine-demo"),
                    help="where the pool, cache and outputs live (default ./.cm-engine-demo)")

@@ -149,6 +149,11 @@ def test_cluster_then_select(files, capsys):
                            "--cache-dir", d / "cache", "--json", "--quiet", "--out", d / "labels2.npy")
     assert code == 0
     np.testing.assert_array_equal(np.load(d / "labels2.npy"), lab)
+    # --relink 0 (merges along graph edges only): the cached graph, a new merge list
+    code, stdout3, _ = run(capsys, "cluster", "--embeddings", files["emb"], "--target-mean-size", 10, "--k", 10,
+                           "--relink", 0, "--cache-dir", d / "cache", "--json", "--quiet", "--out", d / "labels0.npy")
+    assert code == 0 and json.loads(stdout3)["cache_hits"] == {"graph": True, "merges": False}
+    assert np.load(d / "labels0.npy").shape == lab.shape
     out = d / "picked.npy"
     assert run(capsys, "select", "--logits", files["logits"], "--labels", labels, "--budget", 40, "--quiet",
                "--out", out)[0] == 0
@@ -161,6 +166,8 @@ def test_cluster_then_select(files, capsys):
     (["--epsilon", "-1"], "epsilon"),
     (["--epsilon", "0.1", "--k", "0"], "k"),
     (["--epsilon", "0.1", "--k", str(N)], "k"),
+    (["--epsilon", "0.1", "--relink", "-2"], "relink"),
+    (["--epsilon", "0.1", "--metric", "l2", "--relink", "4"], "relink"),
 ])
 def test_cluster_bad_input(files, capsys, argv, expect):
     out = files["dir"] / "cluster-out.npy"
