@@ -218,18 +218,26 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         nb = relink(feats.index_select(0, act)) if act.numel() > 1 else None
         if nb is None or nb.numel() == 0:
             return act[:0]
-        nb = nb.to(device=dev, dtype=I64)
-        su = act.repeat_interleave(nb.shape[1])
-        nb = nb.reshape(-1)
-        ok = nb >= 0
-        su, sv = su.masked_select(ok), act.index_select(0, nb.masked_select(ok))
-        del nb, ok
-        key = torch.minimum(su, sv) * n + torch.maximum(su, sv)
-        key = torch.unique(key.masked_select(su != sv))
-        del su, sv
-        lk = _scan(E, block, lambda s, e: (A["u"][s:e] * n + A["v"][s:e]).masked_select(A["u"][s:e] != n))
-        key = key.masked_select(~torch.isin(key, lk))
-        del lk
+        # The links not yet live, deduplicated, in row blocks: at 10M points the first call has
+        # ~75M candidate pairs, and whole-array temporaries of that size cost GBs.
+        lk, _ = torch.sort(_scan(E, block, lambda s, e: (A["u"][s:e] * n + A["v"][s:e]).masked_select(A["u"][s:e] != n)))
+        kq = nb.shape[1]
+        rb = max(1, block // kq)
+        parts = []
+        for s in range(0, act.numel(), rb):
+            b = nb[s:s + rb].to(device=dev, dtype=I64)
+            su = act[s:s + b.shape[0]].repeat_interleave(kq)
+            b = b.reshape(-1)
+            ok = b >= 0
+            su, sv = su.masked_select(ok), act.index_select(0, b.masked_select(ok))
+            key = (torch.minimum(su, sv) * n + torch.maximum(su, sv)).masked_select(su != sv)
+            if lk.numel():
+                pos = torch.searchsorted(lk, key).clamp_(max=lk.numel() - 1)
+                key = key.masked_select(lk.index_select(0, pos) != key)
+            parts.append(torch.unique(key))
+        del lk, nb
+        key = torch.unique(torch.cat(parts)) if len(parts) != 1 else parts[0]
+        del parts
         nu, nv = key // n, key % n
         del key
         nL = cosine_linkage(feats, size, nu, nv, block)

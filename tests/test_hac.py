@@ -361,6 +361,13 @@ def test_small_budget_equals_default():
         b = hac_merges((idx, dist), embeddings=emb, missing=missing, device="cpu", budget_bytes=4096)
         for f in ("a", "b", "dist", "size"):
             np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    # relinking's candidate pairs go in row blocks (256 rows of 16 at this budget; ~750 clusters at n/2)
+    X = clustered(1500, 5, rng)
+    idx, dist = knn(X, 6, "cosine")
+    a = hac_merges((idx, dist), embeddings=X, device="cpu")
+    b = hac_merges((idx, dist), embeddings=X, device="cpu", budget_bytes=4096)
+    for f in ("a", "b", "dist", "size"):
+        np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
 
 @pytest.mark.gpu
