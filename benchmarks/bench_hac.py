@@ -32,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 BENCH_DATA = ROOT / "bench-data"
 DATA = Path(os.environ.get("CM_ENGINE_DATA", ROOT.parent / "shared" / "data"))
 
-from cm_engine.hac import cut, epsilon_for_mean_size, hac_merges  # noqa: E402
+from cm_engine.hac import HACParams, cut, epsilon_for_mean_size, hac_merges  # noqa: E402
 
 
 def machine():
@@ -245,6 +245,41 @@ def ceiling_mode(args):
     write(f"hac_ari_ceiling{'_quick' if args.quick else ''}.json", out)
 
 
+def stability_mode(args):
+    """Graph HAC with and without relinking on the data and on `--seeds - 1` copies with
+    N(0, 1e-4^2) noise on the unit rows (each with its own exact k-NN graph), each against the
+    exact clustering of the unperturbed data (mean cluster size 10): how much of an ARI gap between
+    the two is the approximation and how much the instability of the cut itself."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from cm_engine.knn import knn_graph
+
+    out = {"machine": machine(), "metric": "cosine", "target_mean_size": 10, "command": " ".join(sys.argv),
+           "results": [], "summary": []}
+    for name, X in load_sets(args):
+        Z, _ = exact_linkage(name, X)
+        ref, _ = exact_cut(Z, len(X))
+        for k in [int(x) for x in args.ks.split(",")]:
+            got = {0: [], None: []}
+            for s in range(args.seeds):
+                Xs = X if s == 0 else perturb(X, "noise1e-4", seed=s)
+                g = knn_graph(Xs.astype(np.float32), k=k, metric="cosine", exact=True)
+                for relink in got:
+                    m = hac_merges(g, embeddings=Xs.astype(np.float32), relink=relink, device="cpu")
+                    a = float(adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))))
+                    got[relink].append(a)
+                    out["results"].append({"dataset": name, "k": k, "noise_seed": s, "perturbed": s > 0,
+                                           "relink": HACParams(relink=relink).relink, "ari": round(a, 4)})
+                    print("  ", out["results"][-1], flush=True)
+            for relink, v in got.items():
+                out["summary"].append({"dataset": name, "k": k, "relink": HACParams(relink=relink).relink,
+                                       "runs": len(v), "ari_mean": round(float(np.mean(v)), 4),
+                                       "ari_min": round(min(v), 4), "ari_max": round(max(v), 4)})
+                print(out["summary"][-1], flush=True)
+    tag = ("_" + args.datasets.replace(",", "_")) if args.datasets else ""
+    write(f"hac_ari_stability{tag}.json", out)
+
+
 CONFIGS = {  # label -> (missing, missing_value: None | "pair_mean", relink: None = hac's default)
     "exact": ("exact", None, None), "exact(edges only)": ("exact", None, 0),
     "constant(max r)": ("constant", None, None), "constant(pair mean)": ("constant", "pair_mean", None),
@@ -398,12 +433,17 @@ def main():
                     default="exact,exact(edges only),constant(max r),constant(pair mean)",
                     help="ari mode: comma-separated labels of CONFIGS")
     ap.add_argument("--ceiling", action="store_true", help="exact linkage on perturbed data vs unperturbed")
+    ap.add_argument("--stability", action="store_true", help="graph HAC with / without relinking on the data and "
+                    "on noisy copies, against the exact clustering (--seeds runs per k)")
+    ap.add_argument("--seeds", type=int, default=5, help="--stability: runs per k (the first unperturbed)")
     ap.add_argument("--perturb", default="noise1e-4,f16")
     args = ap.parse_args()
     if args.merge_ari:
         return merge_ari()
     if args.ceiling:
         return ceiling_mode(args)
+    if args.stability:
+        return stability_mode(args)
     print("complete-graph check vs scipy: max height error", check_exact())
     if args.quick and not args.ari and not args.scale:
         args.ari = True
