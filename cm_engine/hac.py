@@ -285,7 +285,7 @@ def _relinker(k: int, device, budget: int):
         log.info("hac: relinking %d clusters to their %d nearest", c, min(k, c - 1))
         # Candidates, not answers (the linkage of every link is computed exactly), so a lower
         # recall target than the pool's: 0.95 cost 5x the search time on the 1M synthetic pool
-        # for no better agreement with exact HAC (CIFAR-10 20K: ARI 0.975 / 0.99 at 0.95 / 0.8).
+        # for no better agreement with exact HAC (one-off, CIFAR-10 PCA 20K: ARI 0.975 / 0.99 at 0.95 / 0.8).
         g = knn_graph(sums, k=min(k, c - 1), metric="cosine", device=device, budget_bytes=budget,
                       target_recall=RELINK_RECALL)
         return torch.from_numpy(np.ascontiguousarray(g.indices))  # int32 below 2**31 rows: rac widens per block
