@@ -325,7 +325,8 @@ def ari_mode(args):
                 lab_same = cut(m, eps_exact)
                 eps_own = epsilon_for_mean_size(m, 10)
                 lab_own = cut(m, eps_own)
-                row = {"dataset": name, "n": n, "k": k, "missing": label, "missing_value": mv, "relink": HACParams(missing=missing, relink=relink).relink,
+                row = {"dataset": name, "n": n, "k": k, "missing": label, "missing_value": mv,
+                       "relink": HACParams(missing=missing, relink=relink).relink,
                        "hac_s": round(t, 3), "rounds": len(rounds),
                        "exact_s": round(t_exact, 2), "eps_exact": eps_exact, "eps_own": eps_own,
                        "clusters_exact": int(ref.max()), "clusters_same_eps": int(lab_same.max() + 1),

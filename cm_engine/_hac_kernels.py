@@ -121,8 +121,9 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
     clusters is then exact, from the Lance-Williams sums or `cosine_linkage` of the clusters'
     row sums (feats is overwritten with the sums); singleton pairs keep their edge distance d.
     impute is ignored then.
-    relink: None, or (with feats) a callable(sums float [C, d]) -> int64 [C, k'] (rows of `sums`,
-    -1 for none): the clusters whose sums point nearest each cluster's. Called each time the
+    relink: None, or (with feats) a callable(sums float [C, d]) -> integer tensor [C, k'] (rows of
+    `sums`, -1 for none; any device, widened to int64 block by block), or None for no links:
+    the clusters whose sums point nearest each cluster's. Called each time the
     number of clusters has halved (n/2, n/4, ...) and once more whenever the rounds stall; each
     cluster then also shares an edge (exact linkage from the sums) with those k' clusters, so
     clusters whose k-NN edges run out still reach their nearest neighbours (see hac.py).
@@ -220,7 +221,8 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
             return act[:0]
         # The links not yet live, deduplicated, in row blocks: at 10M points the first call has
         # ~75M candidate pairs, and whole-array temporaries of that size cost GBs.
-        lk, _ = torch.sort(_scan(E, block, lambda s, e: (A["u"][s:e] * n + A["v"][s:e]).masked_select(A["u"][s:e] != n)))
+        lk, _ = torch.sort(_scan(E, block, lambda s, e: (A["u"][s:e] * n + A["v"][s:e]).masked_select(
+            A["u"][s:e] != n)))  # the live edges' keys, sorted for searchsorted
         kq = nb.shape[1]
         rb = max(1, block // kq)
         parts = []
@@ -244,7 +246,8 @@ def rac(edges: list, r, n: int, *, impute, max_epsilon: float, block: int, progr
         prod = size.index_select(0, nu) * size.index_select(0, nv)
         append(nu, nv, nL * prod, prod, None, nL)  # relink implies feats, so never the "bound" rule
         links += nu.numel()
-        log.info("hac: relinked %d clusters, %d new edges, %.2f s", act.numel(), nu.numel(), time.perf_counter() - t_link)
+        log.info("hac: relinked %d clusters, %d new edges, %.2f s", act.numel(), nu.numel(),
+                 time.perf_counter() - t_link)
         return torch.cat([nu, nv])
 
     # relink schedule: next when the clusters number <= next_relink; on a stall, once per count.

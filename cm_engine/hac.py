@@ -64,12 +64,12 @@ and ``cut(merges, eps)`` equals ``fcluster(linkage(X, "average"), eps, "distance
 relabelling (barring exact ties and float rounding of the heights); relinking adds nothing
 there. On a k-NN graph each merge joins a reciprocal nearest-neighbour pair of adjacent clusters
 under the rule above (RAC's exact rule: no approximation factor as in ParHAC/TeraHAC); without
-relinking the result equals sequential graph HAC wherever that linkage is reducible over the graph (restricting candidates to adjacent
-clusters can break reducibility in rare cases), and is an
-approximation of the complete-graph clustering whose agreement is measured (adjusted Rand
-index, benchmarks/results/hac_ari.json). Recorded heights are made monotone along the tree
-(each merge's height is at least its children's), which changes nothing when the linkage is
-reducible and keeps every cut consistent otherwise.
+relinking the result equals sequential graph HAC wherever that linkage is reducible over the
+graph (restricting candidates to adjacent clusters can break reducibility in rare cases). With
+or without it, the result approximates the complete-graph clustering, and the agreement is
+measured (adjusted Rand index, benchmarks/results/hac_ari.json). Recorded heights are made
+monotone along the tree (each merge's height is at least its children's), which changes
+nothing when the linkage is reducible and keeps every cut consistent otherwise.
 """
 from __future__ import annotations
 

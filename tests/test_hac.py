@@ -91,7 +91,8 @@ def ref_rac(idx, dist, missing="constant", missing_value=None, X=None, relink=0)
         if kk < 1:
             return False
         sums = np.stack([U[members[a]].sum(0) for a in alive])
-        cos = (sums / np.linalg.norm(sums, axis=1, keepdims=True)) @ (sums / np.linalg.norm(sums, axis=1, keepdims=True)).T
+        unit = sums / np.linalg.norm(sums, axis=1, keepdims=True)
+        cos = unit @ unit.T
         new = False
         for i, a in enumerate(alive):
             order = [j for j in np.argsort(-cos[i], kind="stable") if j != i][:kk]
