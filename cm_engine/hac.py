@@ -274,8 +274,9 @@ def _unit_rows(embeddings, n, device, budget):
 
 
 def _relinker(k: int, device, budget: int):
-    """rac's `relink`: sums [C, d] -> int64 [C, min(k, C - 1)], each cluster's nearest clusters by the
-    cosine of their row sums (`knn_graph`: exact or approximate by C, as for the pool itself)."""
+    """rac's `relink`: sums [C, d] -> int tensor [C, min(k, C - 1)] (knn_graph's int32 below 2**31
+    rows), each cluster's nearest clusters by the cosine of their row sums (`knn_graph`: exact or
+    approximate by C as for a pool, approximate at target_recall RELINK_RECALL); None if C < 2."""
     from .knn import knn_graph
 
     def fn(sums):
