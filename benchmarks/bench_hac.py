@@ -262,10 +262,10 @@ def stability_mode(args):
         for k in [int(x) for x in args.ks.split(",")]:
             got = {0: [], None: []}
             for s in range(args.seeds):
-                Xs = X if s == 0 else perturb(X, "noise1e-4", seed=s)
-                g = knn_graph(Xs.astype(np.float32), k=k, metric="cosine", exact=True)
+                Xs = (X if s == 0 else perturb(X, "noise1e-4", seed=s)).astype(np.float32)
+                g = knn_graph(Xs, k=k, metric="cosine", exact=True)
                 for relink in got:
-                    m = hac_merges(g, embeddings=Xs.astype(np.float32), relink=relink, device="cpu")
+                    m = hac_merges(g, embeddings=Xs, relink=relink, device="cpu")
                     a = float(adjusted_rand_score(ref, cut(m, epsilon_for_mean_size(m, 10))))
                     got[relink].append(a)
                     out["results"].append({"dataset": name, "k": k, "noise_seed": s, "perturbed": s > 0,
@@ -288,8 +288,6 @@ CONFIGS = {  # label -> (missing, missing_value: None | "pair_mean", relink: Non
 
 def ari_mode(args):
     from sklearn.metrics import adjusted_rand_score
-
-    from cm_engine.hac import HACParams
 
     ks = [16] if args.quick else [int(x) for x in args.ks.split(",")]
     out = {"machine": machine(), "metric": "cosine", "target_mean_size": 10, "command": " ".join(sys.argv),

@@ -276,18 +276,18 @@ def _unit_rows(embeddings, n, device, budget):
 def _relinker(k: int, device, budget: int):
     """rac's `relink`: sums [C, d] -> int tensor [C, min(k, C - 1)] (knn_graph's int32 below 2**31
     rows), each cluster's nearest clusters by the cosine of their row sums (`knn_graph`: exact or
-    approximate by C as for a pool, approximate at target_recall RELINK_RECALL); None if C < 2."""
+    approximate by C as for a pool, approximate at target_recall RELINK_RECALL). rac calls it
+    with C >= 2 only."""
     from .knn import knn_graph
 
     def fn(sums):
         c = int(sums.shape[0])
-        if min(k, c - 1) < 1:
-            return None
-        log.info("hac: relinking %d clusters to their %d nearest", c, min(k, c - 1))
+        kk = min(k, c - 1)  # >= 1: rac asks only with two clusters or more, and k >= 1
+        log.info("hac: relinking %d clusters to their %d nearest", c, kk)
         # Candidates, not answers (the linkage of every link is computed exactly), so a lower
         # recall target than the pool's: 0.95 cost 5x the search time on the 1M synthetic pool
         # for no better agreement with exact HAC (one-off, CIFAR-10 PCA 20K: ARI 0.975 / 0.99 at 0.95 / 0.8).
-        g = knn_graph(sums, k=min(k, c - 1), metric="cosine", device=device, budget_bytes=budget,
+        g = knn_graph(sums, k=kk, metric="cosine", device=device, budget_bytes=budget,
                       target_recall=RELINK_RECALL)
         return torch.from_numpy(np.ascontiguousarray(g.indices))  # int32 below 2**31 rows: rac widens per block
 
