@@ -552,3 +552,24 @@ def test_top_largest_against_a_sort():
                 assert (np.where(out, S, -np.inf).max(1) <= vals.min(1)).all()
     with pytest.raises(ValueError, match="kc"):
         top_largest(np.zeros((2, 3), np.float32), 4)
+
+
+def test_coarse_probes_grow_by_a_quarter_until_the_reach_passes(monkeypatch):
+    """Two-level tuning raises the coarse groups searched by +25% (at least +1) per step, not 2x
+    (the assignment's cost is proportional to them), and stops at the first count whose reachable
+    share (less 2 SE) passes target + 0.01; the graph still meets its target."""
+    from cm_engine import _knn_torch as kt
+
+    assert [kt.next_coarse_probes(p, 100) for p in (1, 3, 4, 8, 10, 12, 15, 90)] == [2, 4, 5, 10, 12, 15, 18, 100]
+    monkeypatch.setattr(kt, "_TWO_LEVEL_CELLS", 8)
+    monkeypatch.setattr(kt, "_TWO_LEVEL_TRAIN_CELLS", 8)
+    monkeypatch.setattr(kt, "_COARSE_PROBES", 1)
+    X = np.random.default_rng(0).normal(size=(6000, 16)).astype(np.float32)  # no clusters: groups cut neighbours
+    g = knn_graph(X, k=10, backend="torch", exact=False, nlist=64, target_recall=0.95, tune_rows=600)
+    tried = {int(c): v for c, v in g.info["coarse_tried"].items()}
+    steps = sorted(tried)
+    assert steps[0] == 1 and len(steps) >= 3  # here one group reaches 0.45, six 0.98
+    assert all(kt.next_coarse_probes(a, 10 ** 6) == b for a, b in zip(steps, steps[1:]))
+    assert g.info["coarse_probes"] == steps[-1]
+    assert all(tried[c] < 0.96 for c in steps[:-1]) and tried[steps[-1]] >= 0.96
+    assert recall_at_k(g, knn_graph(X, k=10, backend="faiss", exact=True)) >= 0.94
