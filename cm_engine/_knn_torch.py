@@ -386,7 +386,7 @@ def next_coarse_probes(p: int, groups: int) -> int:
 class _Quantizer:
     """The cells' centroids C [nlist, d] float32 (prepped) and their search: the p nearest cells
     of prepped rows. Flat: exhaustive (FAISS's IndexFlat on the CPU workers path, else a torch
-    matmul). Two-level: coarse centroids C1 [nc, d] group the cells (group g holds cells
+    matmul; on the CPU workers path with the fused top-p, `_flat_top`). Two-level: coarse centroids C1 [nc, d] group the cells (group g holds cells
     goff[g]:goff[g + 1]); a row's candidates are the cells of its `coarse_probes` nearest groups
     (from `_COARSE_PROBES`; the tuning may raise it), ranked exactly: on the CPU workers path by a
     FAISS IndexIVFFlat whose lists are the groups (`_group_index`), else by the score table of
@@ -398,10 +398,10 @@ class _Quantizer:
         self.coarse_probes = _COARSE_PROBES  # groups searched per row (two-level); the tuning may raise it
         self.cn = C.pow(2).sum(1) if metric == "l2" else None
         self.c1n = C1.pow(2).sum(1) if (C1 is not None and metric == "l2") else None
-        # CPU workers path: a FAISS index does the whole search (flat, or IVF over the groups)
+        # CPU workers path, two-level: a FAISS IVF index over the groups does the whole search
         self.index = None
-        if workers is not None:
-            self.index = _flat_index(C, metric) if C1 is None else _group_index(C, C1, goff, metric)
+        if workers is not None and C1 is not None:
+            self.index = _group_index(C, C1, goff, metric)
 
     @property
     def nlist(self) -> int:
@@ -426,6 +426,8 @@ class _Quantizer:
             params = (None if self.C1 is None else
                       faiss.SearchParametersIVF(nprobe=min(self.coarse_probes, self.C1.shape[0])))
             return self.index.search(x.numpy(), p, params=params)[1].astype(np.int64)
+        if self.C1 is None and self.workers is not None:
+            return _flat_top(x, self.C, self.cn, p)
         if self.C1 is None:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
@@ -481,6 +483,35 @@ class _Quantizer:
         if kk < p:
             ids = torch.cat([ids, torch.full((b, p - kk), -1, dtype=ids.dtype, device=dev)], 1)
         return ids.cpu().numpy()
+
+
+#: Largest p for which `_flat_top` selects with the fused kernel, whose eviction scan costs O(p)
+#: per kept entry; the tuning's wide searches (p up to nlist) take torch.topk.
+_FUSED_TOP_MAX = 64
+
+
+def _flat_top(x: torch.Tensor, C: torch.Tensor, cn: torch.Tensor | None, p: int) -> np.ndarray:
+    """int64 [m, p]: positions of the p nearest rows of C [nc, d] (prepped float32; cn: their
+    squared norms for l2, else None: cosine) to each row of x [m, d] (prepped float32), nearest
+    first (equal scores: lower position first; of those tied at the p-th score, the kernel keeps
+    any, deterministically), p <= nc. One thread: a matrix product per block
+    of rows and the fused top-p (`top_largest`). FAISS's IndexFlat took about twice as long
+    (50K rows x 64, one thread: 3909 cells, p = 6: 2.19 against 0.99 s; 1768 cells, p = 2: 0.71
+    against 0.37 s; same run), most of it in its per-row selection."""
+    m = x.shape[0]
+    out = np.empty((m, p), np.int64)
+    rows = max(1, (8 << 20) // (4 * C.shape[0]))  # ~8 MiB of scores per block
+    for s in range(0, m, rows):
+        S = x[s:s + rows] @ C.T
+        if cn is not None:  # l2: 2ab - |c|^2, larger is nearer
+            S.mul_(2.0).sub_(cn)
+        if p <= _FUSED_TOP_MAX:
+            v, i = top_largest(S.numpy(), p)
+        else:
+            v, i = (t.numpy() for t in S.topk(p, dim=1, sorted=False))
+        o = np.lexsort((i, -v), axis=1)  # by score descending, then by position
+        out[s:s + rows] = np.take_along_axis(i, o, 1)
+    return out
 
 
 def _flat_index(C: torch.Tensor, metric: str):

@@ -445,6 +445,41 @@ def test_cifar10_recall_defaults(data_dir):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
+@pytest.mark.parametrize("p", [1, 5, 64, 65, 300])
+def test_flat_quantizer_cpu_matches_a_sort(metric, p):
+    """The CPU workers' flat cell search (matmul + fused top-p, `_flat_top`, behind
+    `_Quantizer.search`) returns p distinct cells whose scores are the p best of a float64 sort,
+    nearest first, equal scores by lower cell (which of the cells tied at the p-th score are
+    kept is the kernel's choice). Small-integer rows make every score exact in float32 and give
+    many ties; p = 65 and 300 take the torch.topk branch, p = 300 spans several row blocks."""
+    from cm_engine import _knn_torch as kt
+
+    rng = np.random.default_rng(3)
+    C = torch.from_numpy(rng.integers(-2, 3, size=(400, 8)).astype(np.float32))
+    x = torch.from_numpy(rng.integers(-2, 3, size=(5000, 8)).astype(np.float32))
+    Cd, xd = C.double().numpy(), x.double().numpy()
+    key = -(xd @ Cd.T) if metric == "cosine" else -(2 * xd @ Cd.T - (Cd ** 2).sum(1))
+    want = np.argsort(key, axis=1, kind="stable")[:, :p]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with kt._Workers(2) as w:
+            qz = kt._Quantizer(C, metric, work=1 << 20, workers=w)
+            assert qz.index is None  # flat: no FAISS index
+            got = qz.search(x, p)
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (5000, p) and got.dtype == np.int64
+    assert all(len(set(r)) == p for r in got)
+    kg = np.take_along_axis(key, got, 1)
+    np.testing.assert_array_equal(kg, np.take_along_axis(key, want, 1))  # the p best scores, in order
+    tied = kg[:, 1:] == kg[:, :-1]
+    assert (p == 1 or tied.any()) and (got[:, 1:] > got[:, :-1])[tied].all()  # equal scores: lower cell first
+    # away from the p-th score's ties the cells are exactly the sort's
+    np.testing.assert_array_equal(np.where(kg < kg[:, -1:], got, -1), np.where(kg < kg[:, -1:], want, -1))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_two_level_faiss_ivf_search_matches_the_table(metric):
     """On the CPU workers path the two-level cells are searched by a FAISS IndexIVFFlat whose lists are
     the groups (_group_index); it must rank the same cells as the torch score table (_two_level), for
