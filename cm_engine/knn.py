@@ -29,7 +29,8 @@ fused heap top-k is several times faster than torch, whose CPU ``topk`` over wid
 matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. (The reverse
 holds for a few queries against many rows, the tuning sample's shape: there ``faiss.knn`` ran
 ~3x slower than torch tiles, which the sample search uses.) Approximate search
-on the CPU uses the GEMM-shaped self-join (FAISS's k-means and quantizer; the cells on
+on the CPU uses the GEMM-shaped self-join (FAISS's k-means and two-level quantizer; up to
+4096 cells, a matmul + the fused top-p ranks a row's cells; the cells on
 single-threaded worker threads, each one torch matrix product + top-k over ~2000 candidates, where
 torch's topk is cheap and ~1.5x faster than ``faiss.knn`` per cell): a cell's queries against its
 candidates is one matrix product, where IVF's per-query list scans run at a fraction of the
