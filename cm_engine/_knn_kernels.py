@@ -55,3 +55,39 @@ def _weakest(v, kc):
         if v[t] < v[at]:
             at = t
     return at
+
+
+def top_update(S: np.ndarray, rows: np.ndarray, c0: int, vals: np.ndarray, pos: np.ndarray) -> None:
+    """Merge a block of scores into running top-kc lists, in place: row i of S [m, M] (float32,
+    C-contiguous; larger is nearer) updates list rows[i] (int64 [m], rows may repeat across calls,
+    not within one) of vals [b, kc] float32 / pos [b, kc] int64, column j entering as id c0 + j.
+    Start the lists at -inf / -1; an entry still at -inf afterwards was never filled. Lists are
+    unordered; of equal values at the boundary, the earlier kept stays (deterministic).
+
+    For blocks that each row meets in pieces: the tuning's exact scan of the pool in L2-sized
+    tiles (one list per query across all tiles), and the two-level cell search (a row's score
+    pieces come from the groups it probes, one matrix product per group). `top_largest`'s
+    eviction scan, but the state outlives the block."""
+    if S.dtype != np.float32 or not S.flags.c_contiguous:
+        raise ValueError(f"S: expected a C-contiguous float32 array, got {S.dtype} (contiguous: {S.flags.c_contiguous})")
+    if S.shape[0] != rows.shape[0] or vals.shape != pos.shape or vals.shape[1] < 1:
+        raise ValueError(f"top_update: expected S [m, M], rows [m], vals and pos [b, kc >= 1]; got S {S.shape}, "
+                         f"rows {rows.shape}, vals {vals.shape}, pos {pos.shape}")
+    _top_update(S, rows, c0, vals, pos)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _top_update(S, rows, c0, vals, pos):
+    m, M = S.shape
+    kc = vals.shape[1]
+    for i in range(m):
+        v, p = vals[rows[i]], pos[rows[i]]
+        at = _weakest(v, kc)
+        low = v[at]
+        for j in range(M):
+            x = S[i, j]
+            if x > low:
+                v[at] = x
+                p[at] = c0 + j
+                at = _weakest(v, kc)
+                low = v[at]

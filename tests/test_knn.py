@@ -465,7 +465,6 @@ def test_flat_quantizer_cpu_matches_a_sort(metric, p):
     try:
         with kt._Workers(2) as w:
             qz = kt._Quantizer(C, metric, work=1 << 20, workers=w)
-            assert qz.index is None  # flat: no FAISS index
             got = qz.search(x, p)
     finally:
         torch.set_num_threads(old)
@@ -480,26 +479,24 @@ def test_flat_quantizer_cpu_matches_a_sort(metric, p):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_two_level_faiss_ivf_search_matches_the_table(metric):
-    """On the CPU workers path the two-level cells are searched by a FAISS IndexIVFFlat whose lists are
-    the groups (_group_index); it must rank the same cells as the torch score table (_two_level), for
-    the tuned coarse probes and for pad=False rows that reach fewer than p cells."""
-    import faiss  # noqa: F401
-
+def test_two_level_fused_search_matches_the_table(metric):
+    """On the CPU workers path the two-level cells are ranked by running top-p lists
+    (_two_level_fused: a row's nearest group first, then the others); it must rank the same cells
+    as the torch score table (_two_level, the path without workers), for the tuned coarse probes
+    and for pad=False rows that reach fewer than p cells."""
     from cm_engine import _knn_torch as kt
 
     X = clustered(6000)
     xt = kt._prep(torch.from_numpy(np.asarray(X, dtype=np.float32)), metric)
     with kt._Workers(2) as w:
         qz = kt._train_two_level(xt, 64, niter=5, seed=0, metric=metric, work=64 << 20, workers=w)
-        assert qz.index is not None
+        table = kt._Quantizer(qz.C, metric, work=64 << 20, C1=qz.C1, goff=qz.goff)
+        assert qz.C1 is not None and qz.workers is not None
         for probes in (1, 2, 8):
-            qz.coarse_probes = probes
+            qz.coarse_probes = table.coarse_probes = probes
             for p in (1, 5, 40):
                 a = qz.search(xt, p, pad=False)
-                index, qz.index = qz.index, None
-                b = qz.search(xt, p, pad=False)
-                qz.index = index
+                b = table.search(xt, p, pad=False)
                 same = np.mean(np.all(a == b, axis=1))
                 assert same >= 0.999, (probes, p, same)
                 assert np.array_equal(np.sort(a, 1)[:, :1] < 0, np.sort(b, 1)[:, :1] < 0)  # same short rows
@@ -587,6 +584,42 @@ def test_top_largest_against_a_sort():
                 assert (np.where(out, S, -np.inf).max(1) <= vals.min(1)).all()
     with pytest.raises(ValueError, match="kc"):
         top_largest(np.zeros((2, 3), np.float32), 4)
+
+
+def test_top_update_against_a_sort():
+    """Running top-kc lists fed in pieces (rows in shuffled order, each list meeting its scores in
+    column blocks of uneven widths, some lists never or rarely fed) against a sort of each list's
+    whole row, on scores with many ties; lists that saw fewer than kc values keep -inf / -1."""
+    from cm_engine._knn_kernels import top_update
+
+    rng = np.random.default_rng(8)
+    for b, M, kc in ((5, 1, 1), (12, 40, 3), (30, 300, 16), (8, 20, 25)):
+        full = rng.integers(-4, 5, size=(b, M)).astype(np.float32)
+        full[0] = np.arange(M, dtype=np.float32)  # ascending: every value replaces one
+        seen = np.zeros((b, M), bool)
+        vals = np.full((b, kc), -np.inf, np.float32)
+        pos = np.full((b, kc), -1, np.int64)
+        cuts = np.unique(np.r_[0, rng.integers(0, M + 1, size=4), M])
+        for c0, c1 in zip(cuts[:-1], cuts[1:]):
+            rows = rng.permutation(b)[:max(1, b - 2)]  # some lists skip some blocks
+            top_update(np.ascontiguousarray(full[rows, c0:c1]), rows, int(c0), vals, pos)
+            seen[rows, c0:c1] = True
+        for r in range(b):
+            got = pos[r][pos[r] >= 0]
+            want = -np.sort(-full[r][seen[r]])[:kc]
+            assert got.size == want.size and len(set(got.tolist())) == got.size
+            np.testing.assert_array_equal(-np.sort(-vals[r][:got.size]), want)
+            np.testing.assert_array_equal(vals[r][:got.size], full[r, got])
+            assert seen[r, got].all() and np.isneginf(vals[r][pos[r] < 0]).all()
+            if got.size == kc:  # nothing left out beats what was kept
+                rest = seen[r].copy()
+                rest[got] = False
+                assert not rest.any() or full[r][rest].max() <= vals[r].min()
+    with pytest.raises(ValueError, match="float32"):
+        top_update(np.zeros((2, 3)), np.arange(2), 0, np.zeros((2, 1), np.float32), np.zeros((2, 1), np.int64))
+    with pytest.raises(ValueError, match="rows"):
+        top_update(np.zeros((2, 3), np.float32), np.arange(3), 0, np.zeros((3, 1), np.float32),
+                   np.zeros((3, 1), np.int64))
 
 
 def test_coarse_probes_grow_by_a_quarter_until_the_reach_passes(monkeypatch):

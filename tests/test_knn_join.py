@@ -122,11 +122,13 @@ def test_batched_join_on_cuda(metric):
     assert recall_at_k(ap, ex) >= 0.95 - 0.01
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
-def test_two_level_table_search_matches_a_loop(metric):
-    """_Quantizer two-level search (the score table with a row's groups end to end): each row's p
-    nearest cells among the cells of its p1 nearest groups, with an empty group and groups of
-    uneven sizes; fewer reachable cells than p give -1 (pad=False) or the nearest cell (pad)."""
+def test_two_level_table_search_matches_a_loop(metric, fused, monkeypatch):
+    """_Quantizer two-level search (the score table with a row's groups end to end; fused: the
+    CPU workers' running top-p lists, `_two_level_fused`): each row's p nearest cells among the
+    cells of its p1 nearest groups, with an empty group and groups of uneven sizes; fewer
+    reachable cells than p give -1 (pad=False) or the nearest cell (pad)."""
     from cm_engine.knn import _prep
 
     rng = np.random.default_rng(5)
@@ -135,6 +137,9 @@ def test_two_level_table_search_matches_a_loop(metric):
     goff = np.array([0, 9, 9, 12, 13, 23])  # group 1 is empty, group 3 has one cell
     qz = _knn_torch._Quantizer(C, metric, work=1 << 12, C1=C1, goff=goff)  # tiny work: many blocks
     qz.coarse_probes = 2
+    if fused:
+        qz.workers = _knn_torch._Workers(2)
+        monkeypatch.setattr(_knn_torch, "_FUSED_ROWS", 64)  # several blocks per worker
     x = _prep(torch.from_numpy(rng.normal(size=(200, 6)).astype(np.float32)), metric)
     X, Cd, C1d = x.double().numpy(), C.double().numpy(), C1.double().numpy()
 
@@ -151,6 +156,8 @@ def test_two_level_table_search_matches_a_loop(metric):
             assert (got[r][len(want):] == -1).all()
         padded = qz.search(x, p)
         assert (padded >= 0).all() and (padded[:, 0] == got[:, 0]).all()
+    if fused:
+        qz.workers.shutdown()
 
 
 def test_held_out_rows_avoid_the_sample():
