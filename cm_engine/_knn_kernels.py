@@ -91,3 +91,51 @@ def _top_update(S, rows, c0, vals, pos):
                 p[at] = c0 + j
                 at = _weakest(v, kc)
                 low = v[at]
+
+
+def merge_sorted(out_i: np.ndarray, out_d: np.ndarray, rows: np.ndarray, ii: np.ndarray, dd: np.ndarray) -> None:
+    """Merge candidates into finished k-NN rows, in place: out_i [N, k] int (-1 = missing, last) /
+    out_d [N, k] float32, each row sorted by (distance, index); row rows[t] (int64 [m], distinct)
+    takes the candidates ii[t] (int [m, c], -1 = none; never the row itself nor already listed)
+    at distances dd[t] (float32 [m, c]) and keeps its k nearest, ties by the lower index: the
+    k first of the row and its candidates sorted together, as a lexsort would give them.
+
+    Each candidate that beats the row's k-th is inserted where it belongs (O(k)), so a merge
+    costs about the candidates it looks at; the lexsort of [row + candidates] per call was most of
+    the grouped search's second pass (3.0 of 4.5 s at 1M x 64, on the one merging thread)."""
+    if out_i.shape != out_d.shape or ii.shape != dd.shape or rows.shape[0] != ii.shape[0]:
+        raise ValueError(f"merge_sorted: expected out_i, out_d [N, k], rows [m], ii and dd [m, c]; got "
+                         f"{out_i.shape}, {out_d.shape}, {rows.shape}, {ii.shape}, {dd.shape}")
+    _merge_sorted(out_i, out_d, rows, ii, dd)
+
+
+@njit(cache=True, nogil=True, boundscheck=False)
+def _merge_sorted(out_i, out_d, rows, ii, dd):
+    m, c = ii.shape
+    k = out_i.shape[1]
+    big = np.iinfo(np.int64).max
+    for t in range(m):
+        r = rows[t]
+        li, ld = out_i[r], out_d[r]
+        for j in range(c):
+            x = ii[t, j]
+            if x < 0:
+                continue
+            d = dd[t, j]
+            # beats the k-th? (missing entries sort last: distance inf, index +max)
+            lx = big if li[k - 1] < 0 else li[k - 1]
+            dk = np.inf if li[k - 1] < 0 else ld[k - 1]
+            if not (d < dk or (d == dk and x < lx)):
+                continue
+            at = k - 1
+            while at > 0:
+                px = big if li[at - 1] < 0 else li[at - 1]
+                pd = np.inf if li[at - 1] < 0 else ld[at - 1]
+                if d < pd or (d == pd and x < px):
+                    li[at] = li[at - 1]
+                    ld[at] = ld[at - 1]
+                    at -= 1
+                else:
+                    break
+            li[at] = x
+            ld[at] = d

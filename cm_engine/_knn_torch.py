@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ._device import log_memory_estimate, rows_per_block
-from ._knn_kernels import top_largest, top_update
+from ._knn_kernels import merge_sorted, top_largest, top_update
 from .knn import _prep, exact_distances, faiss_metric, finish_rows, finish_rows_np, gather_rows
 
 log = logging.getLogger("cm_engine")
@@ -116,14 +116,13 @@ def exact_knn(pool, *, k, metric, dev, budget, out, progress, compute_dtype=None
 
 
 def _merge_into(out, rows: np.ndarray, ii: np.ndarray, dd: np.ndarray, k: int) -> None:
-    """Merge candidates ii/dd [m, c] (never the row itself, never already listed) into the
-    finished rows `rows` of out, keeping each row's k nearest, ties by index."""
-    ci = np.concatenate([np.asarray(out[0][rows], np.int64), ii.astype(np.int64)], 1)
-    cd = np.concatenate([np.asarray(out[1][rows], np.float32), dd.astype(np.float32)], 1)
-    cd = np.where(ci < 0, np.float32(np.inf), cd)
-    o = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), cd), axis=1)[:, :k]
-    out[0][rows] = np.take_along_axis(ci, o, 1)
-    out[1][rows] = np.take_along_axis(cd, o, 1)
+    """Merge candidates ii/dd [m, c] (never the row itself, never already listed; -1 = none) into
+    the finished rows `rows` of out, keeping each row's k nearest, ties by index (`merge_sorted`)."""
+    oi, od = np.asarray(out[0]), np.asarray(out[1])  # plain views: numba takes no np.memmap
+    if oi.shape[1] != k:
+        raise ValueError(f"out: expected {k} columns, got {oi.shape[1]}")
+    merge_sorted(oi, od, np.asarray(rows, np.int64), ii.astype(oi.dtype, copy=False),
+                 dd.astype(np.float32, copy=False))
 
 
 def _write(out, rows: np.ndarray, i: torch.Tensor, dist: torch.Tensor, k: int, progress, pos=None) -> None:

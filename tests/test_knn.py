@@ -622,6 +622,46 @@ def test_top_update_against_a_sort():
                    np.zeros((3, 1), np.int64))
 
 
+def test_merge_sorted_against_a_lexsort():
+    """merge_sorted (insertion into sorted k-NN rows) against the obvious merge: each row and its
+    candidates lexsorted together by (distance, index; missing last), the first k kept. Many
+    ties, rows with missing entries, candidates that are -1, rows merged twice, int32 and int64."""
+    from cm_engine._knn_kernels import merge_sorted
+
+    def reference(oi, od, rows, ii, dd, k):
+        ci = np.concatenate([oi[rows].astype(np.int64), ii.astype(np.int64)], 1)
+        cd = np.concatenate([od[rows], dd], 1)
+        cd = np.where(ci < 0, np.float32(np.inf), cd)
+        o = np.lexsort((np.where(ci < 0, np.iinfo(np.int64).max, ci), cd), axis=1)[:, :k]
+        oi[rows] = np.take_along_axis(ci, o, 1)
+        od[rows] = np.take_along_axis(cd, o, 1)
+
+    rng = np.random.default_rng(11)
+    for idt in (np.int32, np.int64):
+        for n, k, c in ((50, 1, 3), (200, 6, 10), (120, 16, 25)):
+            # finished rows: distinct indices per row, sorted by (distance, index), some missing
+            oi = np.stack([rng.permutation(10 * n)[:k] for _ in range(n)]).astype(idt)
+            od = rng.integers(0, 6, size=(n, k)).astype(np.float32) / 4
+            od[rng.random((n, k)) < 0.1] = np.inf
+            oi[np.isinf(od)] = -1
+            o = np.lexsort((np.where(oi < 0, np.iinfo(np.int64).max, oi), od), axis=1)
+            oi, od = np.take_along_axis(oi, o, 1), np.take_along_axis(od, o, 1)
+            ai, ad = oi.copy(), od.copy()
+            for call in (1, 2):  # candidates never listed before: a fresh index range per call
+                rows = rng.choice(n, size=n // 2, replace=False).astype(np.int64)
+                ii = (call * 100 * n + rng.permutation(100 * n)[:c * rows.size]).reshape(rows.size, c).astype(idt)
+                dd = rng.integers(0, 6, size=ii.shape).astype(np.float32) / 4
+                gone = rng.random(ii.shape) < 0.3
+                ii[gone], dd[gone] = -1, np.inf
+                merge_sorted(ai, ad, rows, ii, dd)
+                reference(oi, od, rows, ii, dd, k)
+                np.testing.assert_array_equal(ai, oi)
+                np.testing.assert_array_equal(ad, od)
+    with pytest.raises(ValueError, match="merge_sorted"):
+        merge_sorted(np.zeros((3, 2), np.int64), np.zeros((3, 3), np.float32), np.arange(1),
+                     np.zeros((1, 2), np.int64), np.zeros((1, 2), np.float32))
+
+
 def test_coarse_probes_grow_by_a_quarter_until_the_reach_passes(monkeypatch):
     """Two-level tuning raises the coarse groups searched by +25% (at least +1) per step, not 2x
     (the assignment's cost is proportional to them), and stops at the first count whose reachable
