@@ -311,10 +311,11 @@ class _Workers(ThreadPoolExecutor):
     def knn(self, xq: np.ndarray, xb: np.ndarray, k: int, metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of few queries xq [m, d] against many rows xb [M, d] (float32), in
         faiss.knn's convention (D: inner products descending for METRIC_INNER_PRODUCT, else
-        squared L2 ascending; I int64; each row sorted): the database split over the workers, each
-        part by torch matmul in tiles and a running fused top-k, the parts merged. faiss.knn ran ~3x slower on this shape (1000
-        queries x 131K rows x 64, one thread each: 5.7 s against 1.8 s, same run): its BLAS
-        tiling suits many queries against few rows (the quantizer), not the reverse."""
+        squared L2 ascending; I int64; each row sorted): the database split over the workers,
+        each part by torch matmul in tiles and a running fused top-k, the parts merged. faiss.knn
+        ran ~3x slower on this shape (1000 queries x 131K rows x 64, one thread each: 5.7 s against
+        1.8 s, same run, before the running top-k): its BLAS tiling suits many queries against few
+        rows (the quantizer), not the reverse."""
         import faiss
 
         from .knn import _merge
@@ -430,7 +431,7 @@ class _Quantizer:
             return _nearest_centroid(x, self.C, self.metric, self.cn, self.work, p=p).reshape(-1, p).cpu().numpy()
         out = np.empty((x.shape[0], p), np.int64)
         p1 = min(self.coarse_probes, self.C1.shape[0])
-        if self.workers is not None:
+        if self.workers is not None and p <= _FUSED_TOP_MAX:  # the tuning's wide rankings take the table
             for s in range(0, x.shape[0], _FUSED_ROWS):
                 out[s:s + _FUSED_ROWS] = self._two_level_fused(x[s:s + _FUSED_ROWS], p, p1)
             return out
@@ -445,7 +446,7 @@ class _Quantizer:
 
     def _nearest(self, x: torch.Tensor, C: torch.Tensor, cn: torch.Tensor | None, kk: int):
         """(keys [m, kk] ascending-better float32, positions in C [m, kk] int64) of the kk nearest
-        rows of C: matmul + topk on the device (the CPU workers path searches with `index`)."""
+        rows of C: matmul + topk on the device."""
         return _key(x @ C.T, self.metric, cn).topk(kk, dim=1, largest=False)
 
     def _two_level_fused(self, x: torch.Tensor, p: int, p1: int) -> np.ndarray:
@@ -527,8 +528,9 @@ class _Quantizer:
 #: each group's product still has ~rows * p1 / groups rows.
 _FUSED_ROWS = 16384
 
-#: Largest p for which `_flat_top` selects with the fused kernel, whose eviction scan costs O(p)
-#: per kept entry; the tuning's wide searches (p up to nlist) take torch.topk.
+#: Largest p for which `_flat_top` and `_Quantizer._two_level_fused` select with the fused
+#: kernels, whose eviction scan costs O(p) per kept entry; the tuning's wide searches (p up to
+#: 512) take torch.topk (flat) or the score table (two-level).
 _FUSED_TOP_MAX = 64
 
 

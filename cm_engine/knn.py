@@ -28,9 +28,10 @@ Why ``backend="auto"`` picks what it picks: on the CPU FAISS's BLAS search with 
 fused heap top-k is several times faster than torch, whose CPU ``topk`` over wide score
 matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. (The reverse
 holds for a few queries against many rows, the tuning sample's shape: there ``faiss.knn`` ran
-~3x slower than torch tiles, which the sample search uses.) Approximate search
-on the CPU uses the GEMM-shaped self-join (FAISS's k-means and two-level quantizer; up to
-4096 cells, a matmul + the fused top-p ranks a row's cells; the cells on
+~3x slower than torch tiles, which the sample search uses, with a running fused top-k.) Approximate search
+on the CPU uses the GEMM-shaped self-join (FAISS's k-means; a row's cells ranked by torch
+matmuls and fused numba top-p selection: flat up to 4096 cells, past that one product per coarse
+group merged into running top-p lists; the cells on
 single-threaded worker threads, each one torch matrix product + top-k over ~2000 candidates, where
 torch's topk is cheap and ~1.5x faster than ``faiss.knn`` per cell): a cell's queries against its
 candidates is one matrix product, where IVF's per-query list scans run at a fraction of the
