@@ -25,10 +25,12 @@ estimate, and for the torch search the recall the finished graph reaches on the 
 Both torch kernels live in `_knn_torch.py`; FAISS is imported lazily, here and in its CPU block kernel.
 
 Why ``backend="auto"`` picks what it picks: on the CPU FAISS's BLAS search with its
-fused heap top-k is several times faster than torch, whose CPU ``topk`` over wide score
-matrices dominates the time; so exact search on the CPU uses ``faiss.knn``. (The reverse
-holds for a few queries against many rows, the tuning sample's shape: there ``faiss.knn`` ran
-~3x slower than torch tiles, which the sample search uses, with a running fused top-k.) Approximate search
+fused heap top-k was several times faster than torch, whose CPU ``topk`` over wide score
+matrices dominates the time; so exact search on the CPU goes through the FAISS backend. Since
+stop 21 that backend's CPU flat search runs torch matmul tiles with a running fused numba top-k
+on worker threads instead of ``faiss.knn`` (2.2-2.9x faster on the 2-core Intel VM: 0.40 against
+0.92 s for 13.4K x 13.4K x 64), the same kernel as the tuning sample's search (few queries
+against many rows, where ``faiss.knn`` ran ~3x slower). Approximate search
 on the CPU uses the GEMM-shaped self-join (FAISS's k-means; a row's cells ranked by torch
 matmuls and fused numba top-p selection: flat up to 4096 cells, past that one product per coarse
 group merged into running top-p lists; the cells on
@@ -477,17 +479,40 @@ def _refine(pool: Pool, rows: np.ndarray, ii: np.ndarray, metric: str, q: torch.
 # ----------------------------------------------------------------------------- faiss kernels
 
 def _faiss_exact(pool: Pool, *, k, metric, dev, budget, out, progress):
-    """Flat search: faiss.knn over query blocks against the whole pool (database blocks merged
-    when the float32 pool exceeds the memory limit). l2 distances are recomputed in float32."""
+    """Flat search over query blocks against the whole pool (database blocks merged when the
+    float32 pool exceeds the memory limit). l2 distances are recomputed in float32. On the CPU
+    each block is searched by torch matmul tiles and a running fused top-k on single-threaded
+    workers (`_knn_torch._Workers.knn`), in faiss.knn's convention: 13.4K x 13.4K x 64 (HAC's
+    first relink of a 30K pool) took 0.40 s against faiss.knn's 0.92 s on stop 21's 2-core
+    VM, same neighbours bar ties; faiss.knn_gpu on a FAISS GPU."""
     faiss = _import_faiss()
+    if dev.type != "cuda":
+        from ._knn_torch import _Workers
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # process-wide: each worker is one thread
+        try:
+            with _Workers(threads) as workers:
+                return _exact_blocks(pool, faiss, workers.knn, k=k, metric=metric, budget=budget, out=out,
+                                     progress=progress, gpu=False)
+        finally:
+            torch.set_num_threads(threads)
+    return _exact_blocks(pool, faiss, None, k=k, metric=metric, budget=budget, out=out, progress=progress,
+                         gpu=_faiss_gpus(faiss) > 0)
+
+
+def _exact_blocks(pool: Pool, faiss, search, *, k, metric, budget, out, progress, gpu: bool):
+    """`_faiss_exact`'s loop; search(xq, xb, k, metric) -> (D, I) in faiss.knn's convention,
+    None for faiss.knn (faiss.knn_gpu when gpu)."""
     n, d = pool.shape
     kk = k + 1
     mt = faiss_metric(metric)
     limit = max(budget, _memory_limit())
     db_rows = min(n, max(kk, limit // (4 * d)))
     q_rows = rows_per_block(4 * d + 12 * kk, budget // 4, maximum=n)
+    if search is not None:  # the workers' score tiles are [q_rows, ~2 MiB / q_rows]: keep them wide enough
+        q_rows = min(q_rows, 4096)
     log_memory_estimate("knn_graph faiss exact", min(n, db_rows) * 4 * d + q_rows * (4 * d + 12 * kk))
-    gpu = dev.type == "cuda" and _faiss_gpus(faiss) > 0
     res = faiss.StandardGpuResources() if gpu else None  # untested here: no FAISS-GPU on our GPU hosts
     single = db_rows >= n
     db = _prep(pool.block(0, n), metric).numpy() if single else None
@@ -501,6 +526,8 @@ def _faiss_exact(pool: Pool, *, k, metric, dev, budget, out, progress):
             kb = min(kk, ce - cs)
             if gpu:
                 D, I = faiss.knn_gpu(res, xq, xb, kb, metric=mt)
+            elif search is not None:
+                D, I = search(xq, xb, kb, mt)
             else:
                 D, I = faiss.knn(xq, xb, kb, metric=mt)
             D = 1.0 - D if metric == "cosine" else D  # ascending in both cases now
