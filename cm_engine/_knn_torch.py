@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -290,8 +291,8 @@ def _one_thread() -> None:
 
 class _Workers(ThreadPoolExecutor):
     """CPU threads that each run FAISS and torch single-threaded, for the grouped search's many
-    small calls (FAISS and torch release the GIL). Create it with torch's threads set to 1 (see
-    `gemm_ivf_knn`).
+    small calls (FAISS and torch release the GIL). Create it through `single_thread_workers()`,
+    which holds torch's threads at 1 while they run.
 
     Why not the libraries' OpenMP teams: a cell's search takes milliseconds, and between such
     calls FAISS's team and torch's pool spin or are descheduled; at 50K on 2 busy cores (load 6.8)
@@ -355,6 +356,19 @@ class _Workers(ThreadPoolExecutor):
         if ip:
             return -D, I
         return D + np.square(xq).sum(1, keepdims=True), I
+
+
+@contextmanager
+def single_thread_workers():
+    """As many `_Workers` as torch has threads, with torch's process-wide thread count held at 1
+    while they run (each worker is one thread) and restored afterwards."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _Workers(n_threads) as w:
+            yield w
+    finally:
+        torch.set_num_threads(n_threads)
 
 
 def grouped_nlist(n: int) -> int:
@@ -845,17 +859,11 @@ def gemm_ivf_knn(pool, *, k, metric, dev, budget, out, progress, seed, nlist=Non
                                seed=seed, nlist=nlist, nprobe=nprobe, max_cell_probes=max_cell_probes,
                                train_per_cell=train_per_cell, niter=niter, cdt=cdt, kc=kc, work=work, kernel=kernel,
                                workers=None, target_recall=target_recall, tune_rows=tune_rows)
-    # torch's thread count is process-wide: held at 1 while the workers run (each is one thread).
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _Workers(n_threads) as workers:
-            return _grouped_search(pool, k=k, metric=metric, dev=dev, budget=budget, out=out, progress=progress,
-                                   seed=seed, nlist=nlist, nprobe=nprobe, max_cell_probes=max_cell_probes,
-                                   train_per_cell=train_per_cell, niter=niter, cdt=cdt, kc=kc, work=work,
-                                   kernel=kernel, workers=workers, target_recall=target_recall, tune_rows=tune_rows)
-    finally:
-        torch.set_num_threads(n_threads)
+    with single_thread_workers() as w:
+        return _grouped_search(pool, k=k, metric=metric, dev=dev, budget=budget, out=out, progress=progress,
+                               seed=seed, nlist=nlist, nprobe=nprobe, max_cell_probes=max_cell_probes,
+                               train_per_cell=train_per_cell, niter=niter, cdt=cdt, kc=kc, work=work,
+                               kernel=kernel, workers=w, target_recall=target_recall, tune_rows=tune_rows)
 
 
 def _faiss_importable() -> bool:

@@ -487,16 +487,11 @@ def _faiss_exact(pool: Pool, *, k, metric, dev, budget, out, progress):
     VM, same neighbours bar ties; faiss.knn_gpu on a FAISS GPU."""
     faiss = _import_faiss()
     if dev.type != "cuda":
-        from ._knn_torch import _Workers
+        from ._knn_torch import single_thread_workers
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # process-wide: each worker is one thread
-        try:
-            with _Workers(threads) as workers:
-                return _exact_blocks(pool, faiss, workers.knn, k=k, metric=metric, budget=budget, out=out,
-                                     progress=progress, gpu=False)
-        finally:
-            torch.set_num_threads(threads)
+        with single_thread_workers() as w:
+            return _exact_blocks(pool, faiss, w.knn, k=k, metric=metric, budget=budget, out=out,
+                                 progress=progress, gpu=False)
     return _exact_blocks(pool, faiss, None, k=k, metric=metric, budget=budget, out=out, progress=progress,
                          gpu=_faiss_gpus(faiss) > 0)
 
