@@ -96,6 +96,8 @@ ALGORITHM_VERSION = 2
 RELINK_K = 16
 #: target_recall of the search for those clusters when it is approximate (many clusters).
 RELINK_RECALL = 0.8
+#: Matmul dtype of the relink search on a GPU with the torch backend (see `_relinker`).
+RELINK_HALF = "float16"
 
 
 @dataclass(frozen=True)
@@ -273,11 +275,26 @@ def _unit_rows(embeddings, n, device, budget):
     return F
 
 
-def _relinker(k: int, device, budget: int):
+def _relink_dtype(device: torch.device, c: int, d: int) -> str | None:
+    """The relink search's matmul dtype for C sums of d columns: RELINK_HALF where knn_graph would
+    take the torch backend on a GPU, else None (its default). The sums are float32, which the torch
+    search ranks in float32: on a GPU the slow matmul path (a half pool is ranked in half). Unit
+    rows ranked in float16, the kept candidates re-ranked in float32 (knn's reduced-precision
+    rule), serve as well for candidates. Not yet measured on a GPU."""
+    from .knn import EXACT_MAX_N, _auto_backend
+
+    if device.type != "cuda":
+        return None
+    exact = c <= EXACT_MAX_N["cuda"]
+    return RELINK_HALF if _auto_backend(device, exact=exact, pool_bytes=c * d * 4) == "torch" else None
+
+
+def _relinker(k: int, device, budget: int, compute_dtype: str | None = None):
     """rac's `relink`: sums [C, d] -> int tensor [C, min(k, C - 1)] (knn_graph's int32 below 2**31
     rows), each cluster's nearest clusters by the cosine of their row sums (`knn_graph`: exact or
     approximate by C as for a pool, approximate at target_recall RELINK_RECALL). rac calls it
-    with C >= 2 only."""
+    with C >= 2 only. compute_dtype: the torch backend's matmul dtype for the ranking (None:
+    `_relink_dtype`'s rule)."""
     from .knn import knn_graph
 
     def fn(sums):
@@ -287,8 +304,9 @@ def _relinker(k: int, device, budget: int):
         # Candidates, not answers (the linkage of every link is computed exactly), so a lower
         # recall target than the pool's: 0.95 cost 5x the search time on the 1M synthetic pool
         # for no better agreement with exact HAC (one-off, CIFAR-10 PCA 20K: ARI 0.975 / 0.99 at 0.95 / 0.8).
+        cdt = compute_dtype or _relink_dtype(device, c, int(sums.shape[1]))
         g = knn_graph(sums, k=kk, metric="cosine", device=device, budget_bytes=budget,
-                      target_recall=RELINK_RECALL)
+                      target_recall=RELINK_RECALL, **({"compute_dtype": cdt} if cdt else {}))
         return torch.from_numpy(np.ascontiguousarray(g.indices))  # int32 below 2**31 rows: rac widens per block
 
     return fn

@@ -631,3 +631,82 @@ def test_sort_groups_matches_numpy_unique_and_keeps_order():
         want = np.bincount(ref_inv.ravel(), weights=dist.astype(np.float64), minlength=ref_u.size) / \
             np.maximum(1, np.bincount(ref_inv.ravel(), minlength=ref_u.size))
         np.testing.assert_allclose(d.numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", ["workers", "torch"])
+def test_relink_with_approximate_searches(path, monkeypatch):
+    """The relink searches of a large pool are approximate (above knn's exact cut): forced here on a
+    6K pool, on the CPU workers' path and on the one-loop torch path that a GPU takes (no FAISS).
+    The merges still form one tree and cut as the exactly relinked run does."""
+    from sklearn.metrics import adjusted_rand_score
+
+    from cm_engine import _knn_torch, knn as knn_mod
+
+    rng = np.random.default_rng(3)
+    c = rng.normal(size=(60, 24)) * 2.0
+    X = (c[rng.integers(0, 60, 6000)] + rng.normal(size=(6000, 24))).astype(np.float32)
+    g = knn_mod.knn_graph(X, k=8, exact=True)
+    ref = hac_merges(g, embeddings=X, device="cpu")  # every relink search exact (at most 3K sums)
+    monkeypatch.setitem(knn_mod.EXACT_MAX_N, "cpu", 400)
+    if path == "torch":
+        monkeypatch.setattr(_knn_torch, "_faiss_importable", lambda: False)
+        monkeypatch.setattr(knn_mod, "_faiss_available", lambda: False)
+    searches = []
+    real = knn_mod.knn_graph
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        searches.append((out.info["exact"], out.info["backend"]))
+        return out
+
+    monkeypatch.setattr(knn_mod, "knn_graph", spy)
+    m = hac_merges(g, embeddings=X, device="cpu")
+    assert searches[0] == (False, "torch") and sum(not e for e, _ in searches) >= 3, searches
+    assert len(m) == 5999
+    for size in (5, 20, 100):
+        ari = adjusted_rand_score(cut(ref, epsilon_for_mean_size(ref, size)), cut(m, epsilon_for_mean_size(m, size)))
+        assert ari > 0.99, (size, ari)  # measured: 0.996-1.000
+
+
+@pytest.mark.parametrize("exact_cut", [20_000, 300])
+def test_relink_links_ranked_in_half(exact_cut, monkeypatch):
+    """On a GPU the torch relink search ranks the float32 sums in float16 (`_relink_dtype`); here the
+    same ranking on the CPU (torch backend forced) against float64 neighbours: sums of large norm
+    (normalized before the cast, so no float16 overflow), exact and approximate searches."""
+    from cm_engine import _knn_torch, knn as knn_mod
+    from cm_engine.hac import RELINK_HALF, _relink_dtype, _relinker
+
+    assert _relink_dtype(torch.device("cpu"), 10**6, 64) is None
+    assert _relink_dtype(torch.device("cuda"), 10**6, 64) == (RELINK_HALF if not knn_mod._faiss_gpus(
+        knn_mod._import_faiss()) else None)  # faiss-gpu takes its own path
+    monkeypatch.setitem(knn_mod.EXACT_MAX_N, "cpu", exact_cut)
+    monkeypatch.setattr(_knn_torch, "_faiss_importable", lambda: False)
+    monkeypatch.setattr(knn_mod, "_faiss_available", lambda: False)
+    rng = np.random.default_rng(5)
+    S = (clustered(3000, 32, rng, centers=40) * rng.uniform(1, 5e4, size=(3000, 1))).astype(np.float32)
+    want, _ = knn(S.astype(np.float64), 16, "cosine")
+    for cdt, floor in (("float16", 0.99 if exact_cut > 3000 else 0.8), ("float32", 0.999 if exact_cut > 3000 else 0.8)):
+        got = _relinker(16, torch.device("cpu"), 64 << 20, compute_dtype=cdt)(torch.from_numpy(S)).numpy()
+        assert got.shape == (3000, 16)
+        recall = np.mean([len(set(a) & set(b)) / 16 for a, b in zip(got, want)])
+        assert recall >= floor, (cdt, recall)
+
+
+@pytest.mark.parametrize("n_keys,key_max", [(5000, 400), (5000, 2**40), (3000, 2**62)])
+def test_sort_groups_and_sorted_unique_against_torch(n_keys, key_max):
+    """The CPU's packed numpy sort (key and position in one int64) groups as torch's stable sort
+    does; keys too wide to pack (the last case) take torch.sort itself."""
+    from cm_engine._hac_kernels import sort_groups, sorted_unique
+
+    rng = np.random.default_rng(n_keys + key_max % 97)
+    key = torch.from_numpy(rng.integers(0, key_max, n_keys // 3)[rng.integers(0, n_keys // 3, n_keys)])
+    uniq, perm, inv = sort_groups(key)
+    skey, sperm = torch.sort(key, stable=True)
+    torch.testing.assert_close(perm, sperm, rtol=0, atol=0)
+    torch.testing.assert_close(uniq, torch.unique(key), rtol=0, atol=0)
+    torch.testing.assert_close(uniq[inv], skey, rtol=0, atol=0)
+    torch.testing.assert_close(sorted_unique(key), torch.unique(key), rtol=0, atol=0)
+    for tiny in (key[:0], key[:1]):
+        torch.testing.assert_close(sorted_unique(tiny), torch.unique(tiny), rtol=0, atol=0)
+        assert [t.tolist() for t in sort_groups(tiny)] == [torch.unique(tiny).tolist(), list(range(tiny.numel())),
+                                                         [0] * tiny.numel()]
