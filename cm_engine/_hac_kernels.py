@@ -35,7 +35,7 @@ def edge_block(budget: int, bytes_per_edge: int = 64) -> int:
 
 
 def sort_groups(key: torch.Tensor):
-    """Group equal keys: key int64 [e] -> (uniq int64 [m] sorted, perm int64 [e], inv int64 [e]),
+    """Group equal keys: key int64 [e] (>= 0) -> (uniq int64 [m] sorted, perm int64 [e], inv int64 [e]),
     where key[perm] is sorted (stable: equal keys keep their order) and inv[i] is the group of
     key[perm[i]]. Sums over each group in that order are deterministic. Used instead of
     torch.unique(return_inverse=True), whose sort copies cost several more [e] int64 arrays at

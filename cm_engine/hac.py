@@ -102,7 +102,7 @@ RELINK_K = 16
 #: (ARI, searches forced approximate: Banking77 10K 1.000 / 0.9988 at 0.8 / 0.7, CLINC150 15K
 #: 1.000 / 1.000, CIFAR-10 PCA-128 20K 0.8946 / 0.8971; exact searches 1.000 / 1.000 / 0.8998).
 RELINK_RECALL = 0.7
-#: Matmul dtype of the relink search on a GPU with the torch backend (see `_relinker`).
+#: Matmul dtype of the relink search on a GPU with the torch backend (see `_relink_dtype`).
 RELINK_HALF = "float16"
 
 
