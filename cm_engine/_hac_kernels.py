@@ -51,13 +51,19 @@ def sort_groups(key: torch.Tensor):
         skey = torch.from_numpy(packed >> bits)
     else:
         skey, perm = torch.sort(key, stable=True)
-    first = torch.ones(e, dtype=torch.bool, device=key.device)
-    if e > 1:
-        torch.ne(skey[1:], skey[:-1], out=first[1:])
+    first = _run_starts(skey)
     inv = torch.cumsum(first, 0)
     inv -= 1
     uniq = skey.masked_select(first)
     return uniq, perm, inv
+
+
+def _run_starts(s: torch.Tensor) -> torch.Tensor:
+    """bool [e]: True where a sorted s [e] starts a run of equal values."""
+    first = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+    if s.numel() > 1:
+        torch.ne(s[1:], s[:-1], out=first[1:])
+    return first
 
 
 def sort_values(x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +77,7 @@ def sort_values(x: torch.Tensor) -> torch.Tensor:
 def sorted_unique(x: torch.Tensor) -> torch.Tensor:
     """The distinct values of x int64 [e], ascending (torch.unique's result, 4-5x faster on the CPU)."""
     x = sort_values(x)
-    if x.numel() > 1:
-        x = x[torch.cat([torch.ones(1, dtype=torch.bool, device=x.device), x[1:] != x[:-1]])]
-    return x
+    return x.masked_select(_run_starts(x))
 
 
 def symmetrize(edges: list, n: int):

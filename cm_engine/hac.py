@@ -287,12 +287,11 @@ def _relink_dtype(device: torch.device, c: int, d: int) -> str | None:
     search ranks in float32: on a GPU the slow matmul path (a half pool is ranked in half). Unit
     rows ranked in float16, the kept candidates re-ranked in float32 (knn's reduced-precision
     rule), serve as well for candidates. Not yet measured on a GPU."""
-    from .knn import EXACT_MAX_N, _auto_backend
+    from .knn import resolve_backend
 
     if device.type != "cuda":
         return None
-    exact = c <= EXACT_MAX_N["cuda"]
-    return RELINK_HALF if _auto_backend(device, exact=exact, pool_bytes=c * d * 4) == "torch" else None
+    return RELINK_HALF if resolve_backend(c, d, device)[0] == "torch" else None
 
 
 def _relinker(k: int, device, budget: int, compute_dtype: str | None = None):

@@ -196,11 +196,7 @@ def knn_graph(embeddings, *, k: int, metric: str = "cosine", backend: str = "aut
     opts = _check_options(backend_options)
     _check_finite(pool, budget)
 
-    if exact is None:
-        exact = n <= EXACT_MAX_N[dev.type]
-    exact = bool(exact)
-    if backend == "auto":
-        backend = _auto_backend(dev, exact=exact, pool_bytes=n * d * 4)
+    backend, exact = resolve_backend(n, d, dev, backend=backend, exact=exact)
     if backend == "faiss":
         _import_faiss()  # fail early, naming the package
     if backend == "torch" and opts.get("index") not in (None, "auto"):
@@ -346,6 +342,15 @@ def _check_finite(pool: Pool, budget: int) -> None:
             first = int(np.argmax(bad)) if bad.any() else -1
         if first >= 0:
             raise ValueError(f"embeddings: expected finite values, got NaN or inf in row {s + first}")
+
+
+def resolve_backend(n: int, d: int, dev: torch.device, *, backend: str = "auto", exact: bool | None = None):
+    """(backend, exact) that knn_graph runs for an [n, d] pool on `dev`: exact None is chosen by
+    n (EXACT_MAX_N), backend "auto" by `_auto_backend`."""
+    exact = n <= EXACT_MAX_N[dev.type] if exact is None else bool(exact)
+    if backend == "auto":
+        backend = _auto_backend(dev, exact=exact, pool_bytes=n * d * 4)
+    return backend, exact
 
 
 def _auto_backend(dev: torch.device, *, exact: bool, pool_bytes: int) -> str:
