@@ -7,6 +7,9 @@ with (ties broken by the smaller slot index, so runs are deterministic); every r
 pair (A's nearest is B and B's nearest is A) merges in that same round; the edges of merged
 clusters are relabelled and coalesced (sort + segment sums). Each round is a handful of
 whole-array torch operations on one device (CPU or CUDA); only the loop over rounds is Python.
+On the CPU the two heaviest steps (each cluster's nearest neighbour, the linkages of re-coalesced
+edges; `_hac_kernels.CPU_KERNELS`) and the coalescing's stable sort run as numba kernels instead:
+the 3M-point synthetic HAC took 155 s against 190 s with torch's ops (2-core VM).
 
 How missing pairs count (``missing=``). Every rule averages over point pairs and is exactly
 S_AB / c_AB (S_AB: sum of the edge distances between A and B, c_AB: their number) when every
@@ -90,8 +93,9 @@ log = logging.getLogger("cm_engine")
 MISSING = ("exact", "constant", "bound", "edges")
 #: Bumped whenever the merges produced for the same input change (part of the cache key).
 #: 2: relinking (on by default with the "exact" rule). 3: approximate relink searches at recall
-#: target 0.7 (was 0.8), and ranked in float16 on a GPU.
-ALGORITHM_VERSION = 3
+#: target 0.7 (was 0.8), and ranked in float16 on a GPU. 4: on the CPU, linkages from float64 dots
+#: of the row sums (`_hac_kernels.cosine_linkage`; were float32 for float32 pools).
+ALGORITHM_VERSION = 4
 #: Default relink k': at each halving of the cluster count every cluster is linked to the k'
 #: clusters whose row sums point nearest its own (see the module docstring).
 RELINK_K = 16

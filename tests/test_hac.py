@@ -20,6 +20,16 @@ ALL = ["exact"] + MISSING  # "exact" also needs the embeddings, and a cosine gra
 # ------------------------------------------------------------------------------ helpers
 
 
+@pytest.fixture(params=["fused", "torch"])
+def ops(request, monkeypatch):
+    """The rounds' CPU ops: the fused numba kernels (the CPU default) or torch's whole-array ops,
+    which a GPU runs (`_hac_kernels.CPU_KERNELS`)."""
+    from cm_engine import _hac_kernels as K
+
+    monkeypatch.setattr(K, "CPU_KERNELS", request.param == "fused")
+    return request.param
+
+
 def knn(X, k, metric):
     """Brute-force k-NN in float64: indices int64 [N, k], distances [N, k] ascending, self excluded."""
     D = squareform(pdist(X, metric))
@@ -215,7 +225,7 @@ def test_graph_hac_contract_complete():
 
 @pytest.mark.parametrize("missing", MISSING)
 @pytest.mark.parametrize("k", [3, 8])
-def test_knn_graph_equals_reference(missing, k):
+def test_knn_graph_equals_reference(missing, k, ops):
     rng = np.random.default_rng(k)
     X = clustered(70, 4, rng, centers=5)
     idx, dist = knn(X, k, "euclidean")
@@ -229,7 +239,7 @@ def test_knn_graph_equals_reference(missing, k):
 
 
 @pytest.mark.parametrize("k", [3, 8])
-def test_exact_rule_equals_reference(k):
+def test_exact_rule_equals_reference(k, ops):
     """missing="exact" on a sparse cosine graph: the dense mean over member pairs, adjacency
     from the graph; float32 embeddings give the same merges up to float32 rounding."""
     rng = np.random.default_rng(20 + k)
@@ -253,7 +263,7 @@ def test_exact_rule_equals_reference(k):
 
 
 @pytest.mark.parametrize("k,relink", [(2, 3), (3, 2), (4, 6), (8, 16)])
-def test_relink_equals_reference(k, relink):
+def test_relink_equals_reference(k, relink, ops):
     """Relinking (the default with "exact"): the same rounds as the slow reference, whose links are
     a dense argsort of the cosines between cluster sums, on graphs with missing entries and
     several components (the stall relinks join them)."""
@@ -710,3 +720,111 @@ def test_sort_groups_and_sorted_unique_against_torch(n_keys, key_max):
         torch.testing.assert_close(sorted_unique(tiny), torch.unique(tiny), rtol=0, atol=0)
         assert [t.tolist() for t in sort_groups(tiny)] == [torch.unique(tiny).tolist(), list(range(tiny.numel())),
                                                          [0] * tiny.numel()]
+
+
+def _edge_state(rng, n, E, dead=0.2):
+    """Random live edges (u < v, some dead: both ends n) with tied linkages, and a dirty slot set."""
+    u = rng.integers(0, n, E)
+    v = rng.integers(0, n, E)
+    u, v = np.minimum(u, v), np.maximum(u, v)
+    keep = u != v
+    u, v = u[keep], v[keep]
+    L = rng.integers(0, 20, u.size) / 20.0  # many ties: the smallest-slot rule decides
+    d = rng.random(u.size) < dead
+    u[d] = v[d] = n
+    L[d] = np.inf
+    return u.astype(np.int64), v.astype(np.int64), L
+
+
+@pytest.mark.parametrize("frac", [0.05, 0.5, 1.0])
+def test_nearest_fused_equals_torch_and_loop(frac, monkeypatch):
+    """Round step 1 (`nearest`): the fused CPU scan, torch's scatter_reduce path (a GPU's), and a
+    Python loop over the edges give the same best linkage and the same nearest slot (the
+    smallest at that linkage) for every dirty slot, and leave clean slots as they were."""
+    from cm_engine import _hac_kernels as K
+
+    rng = np.random.default_rng(int(frac * 100))
+    n = 400
+    u, v, L = _edge_state(rng, n, 3000)
+    dirty = np.sort(rng.choice(n, max(1, int(frac * n)), replace=False))
+    # Clean slots hold their true minimum already (the invariant rac keeps): start from the answer.
+    want_best = np.full(n + 1, np.inf)
+    want_nn = np.full(n + 1, n)
+    for a, b, x in zip(u, v, L):
+        if a == n:
+            continue
+        for p, q in ((a, b), (b, a)):
+            if x < want_best[p] or (x == want_best[p] and q < want_nn[p]):
+                want_best[p], want_nn[p] = x, q
+    got = {}
+    for mode in ("fused", "torch"):
+        monkeypatch.setattr(K, "CPU_KERNELS", mode == "fused")
+        A = {"u": torch.from_numpy(np.concatenate([u, [n] * 7])), "v": torch.from_numpy(np.concatenate([v, [n] * 7])),
+             "L": torch.from_numpy(np.concatenate([L, [np.inf] * 7]))}  # spare capacity past E
+        best = torch.from_numpy(want_best.copy())
+        nn = torch.from_numpy(want_nn.copy())
+        stale = torch.from_numpy(dirty)
+        best[stale] = -1.0  # dirty slots' old values must not survive
+        nn[stale] = 0
+        flag = torch.zeros(n + 1, dtype=torch.bool)
+
+        def edges_of(mask):
+            return torch.nonzero(mask[A["u"][:u.size]] | mask[A["v"][:u.size]]).squeeze(1)
+
+        K.nearest(A, u.size, stale, flag, best, nn, n, n, edges_of)
+        assert not bool(flag.any())
+        got[mode] = (best.numpy()[:n], nn.numpy()[:n])
+    for mode, (b, q) in got.items():
+        np.testing.assert_array_equal(b, want_best[:n], err_msg=mode)
+        np.testing.assert_array_equal(q, want_nn[:n], err_msg=mode)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cosine_linkage_fused_against_torch_and_float64(dtype, monkeypatch):
+    """`cosine_linkage`: 1 - (sum_A x) . (sum_B x) / (|A||B|). The fused CPU kernel (float64 dots)
+    against a float64 numpy reference, and torch's gather-einsum path (a GPU's) to its dtype."""
+    from cm_engine import _hac_kernels as K
+
+    rng = np.random.default_rng(5)
+    F = (rng.normal(size=(500, 24)) * rng.integers(1, 9, (500, 1))).astype(dtype)
+    size = rng.integers(1, 9, 500).astype(np.float64)
+    nu = rng.integers(0, 500, 7000)
+    nv = rng.integers(0, 500, 7000)
+    F64 = F.astype(np.float64)
+    want = 1.0 - (F64[nu] * F64[nv]).sum(1) / (size[nu] * size[nv])
+    got = {}
+    for mode in ("fused", "torch"):
+        monkeypatch.setattr(K, "CPU_KERNELS", mode == "fused")
+        out = K.cosine_linkage(torch.from_numpy(F), torch.from_numpy(size), torch.from_numpy(nu),
+                               torch.from_numpy(nv), 4096)
+        assert out.dtype == torch.float64 and out.shape == (7000,)
+        got[mode] = out.numpy()
+    np.testing.assert_allclose(got["fused"], want, rtol=0, atol=1e-12)
+    if dtype == np.float64:
+        np.testing.assert_allclose(got["torch"], want, rtol=0, atol=1e-12)
+    else:  # float32 dots: rounding relative to the dot's terms
+        scale = np.abs(F64[nu]).sum(1) * np.abs(F64[nv]).max(1) / (size[nu] * size[nv])
+        assert np.all(np.abs(got["torch"] - want) <= 1e-6 * scale + 1e-12)
+    empty = K.cosine_linkage(torch.from_numpy(F), torch.from_numpy(size), torch.zeros(0, dtype=torch.int64),
+                             torch.zeros(0, dtype=torch.int64), 4096)
+    assert empty.shape == (0,)
+
+
+def test_fused_and_torch_rounds_agree(monkeypatch):
+    """A whole relinked HAC with the CPU's fused kernels and with torch's ops (a GPU's): float64
+    embeddings, so the two differ by the order of float64 sums only: the same merges and heights
+    to rounding."""
+    from cm_engine import _hac_kernels as K
+
+    rng = np.random.default_rng(8)
+    X = clustered(1500, 12, rng, centers=20) + rng.normal(scale=0.5, size=(1500, 12))
+    idx, dist = knn(X, 8, "cosine")
+    out = {}
+    for mode in ("fused", "torch"):
+        monkeypatch.setattr(K, "CPU_KERNELS", mode == "fused")
+        out[mode] = hac_merges((idx, dist), embeddings=X, device="cpu")
+    a, b = out["fused"], out["torch"]
+    assert len(a) == len(b) == 1499
+    np.testing.assert_array_equal(a.a, b.a)
+    np.testing.assert_array_equal(a.b, b.b)
+    np.testing.assert_allclose(a.dist, b.dist, rtol=1e-12, atol=1e-14)
