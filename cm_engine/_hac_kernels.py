@@ -23,6 +23,7 @@ import logging
 import math
 import time
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -196,7 +197,13 @@ def cosine_linkage(F, size, nu, nv, block: int):
     temporaries), the dots in F's dtype."""
     if _fused(F):
         out = np.empty(nu.numel())
-        _cosine_dots(F.numpy(), size.numpy(), nu.numpy(), nv.numpy(), out)
+        # As many threads as torch is allowed (a job that set torch to one thread gets one here).
+        prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            _cosine_dots(F.numpy(), size.numpy(), nu.numpy(), nv.numpy(), out)
+        finally:
+            numba.set_num_threads(prev)
         return torch.from_numpy(out)
     rows = max(256, block * 8 // (3 * F.shape[1]))  # ~ the bytes of `block` edges (64 B each)
     out = torch.empty(nu.numel(), dtype=F64, device=F.device)
