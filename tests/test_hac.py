@@ -702,11 +702,16 @@ def test_relink_links_ranked_in_half(exact_cut, monkeypatch):
         assert recall >= floor, (cdt, recall)
 
 
+@pytest.mark.parametrize("bucket_bits", [16, 0])
 @pytest.mark.parametrize("n_keys,key_max", [(5000, 400), (5000, 2**40), (3000, 2**62)])
-def test_sort_groups_and_sorted_unique_against_torch(n_keys, key_max):
-    """The CPU's packed numpy sort (key and position in one int64) groups as torch's stable sort
-    does; keys too wide to pack (the last case) take torch.sort itself."""
+def test_sort_groups_and_sorted_unique_against_torch(n_keys, key_max, bucket_bits, monkeypatch):
+    """The CPU's packed sort (key and position in one int64) groups as torch's stable sort does.
+    Keys too wide to pack (the last case) are first split into buckets by their top bits; with no
+    buckets allowed (MAX_BUCKET_BITS = 0) they take torch.sort itself."""
+    from cm_engine import _hac_kernels as K
     from cm_engine._hac_kernels import sort_groups, sorted_unique
+
+    monkeypatch.setattr(K, "MAX_BUCKET_BITS", bucket_bits)
 
     rng = np.random.default_rng(n_keys + key_max % 97)
     key = torch.from_numpy(rng.integers(0, key_max, n_keys // 3)[rng.integers(0, n_keys // 3, n_keys)])
